@@ -1,0 +1,265 @@
+"""Command line: parse → build → run. Exit codes: 0 ok, 2 bad input, 130/143 signal, 1 other."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from visiontrain import __version__
+from visiontrain.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SIGINT,
+    Interrupted,
+    UserError,
+    clean_message,
+)
+
+EPILOG = (
+    "Config keys are dotted on the command line: optim.lr=3e-4 train.epochs=20 "
+    "data.root=./pets. Sections: task, data, model, loss, optim, schedule, train, run."
+)
+
+
+def _split_config(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The first item without '=' is the YAML file; the rest are key=value overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def per_class_table(metrics: dict, title: str) -> Table:
+    """A rich table of per-class precision, recall, F1 and support."""
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, row in metrics.get("per_class", {}).items():
+        table.add_row(
+            name,
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
+        )
+    return table
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    """Train a model; the last line printed is the run directory."""
+    from visiontrain.config import load_config
+    from visiontrain.engine.build import build_trainer, write_summary
+    from visiontrain.engine.signals import graceful_stop
+
+    path, overrides = _split_config(args.items)
+    cfg = load_config(path, overrides)
+    if args.check:
+        build_trainer(cfg, console, check_only=True)
+        console.print("config OK: data, model, optimizer and schedule build.", highlight=False)
+        return EXIT_OK
+    start = time.perf_counter()
+    with graceful_stop() as flag:
+        trainer = build_trainer(cfg, console, stop_flag=flag)
+        try:
+            trainer.fit()
+        finally:
+            for cb in trainer.callbacks:
+                cb.close()
+        summary = write_summary(trainer, time.perf_counter() - start)
+    for split in ("val", "test"):
+        metrics = summary["metrics"].get(split)
+        if metrics and metrics.get("per_class"):
+            title = (
+                f"{split}: accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}"
+            )
+            console.print(per_class_table(metrics, title))
+    if summary["skipped_files"]["count"]:
+        console.print(
+            f"skipped {summary['skipped_files']['count']} unreadable files "
+            "(listed in summary.json)",
+            highlight=False,
+        )
+    print(trainer.run_dir, flush=True)
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    """Evaluate a checkpoint on a split of its data."""
+    from visiontrain.data import build_data
+    from visiontrain.engine.build import build_loaders
+    from visiontrain.engine.precision import Precision
+    from visiontrain.inference import load_trained
+    from visiontrain.tasks import build_task
+
+    loaded = load_trained(args.target, args.overrides)
+    cfg = loaded.cfg
+    bundle = build_data(cfg.data)
+    if bundle.class_names != loaded.class_names:
+        raise UserError(
+            f"the data's classes {bundle.class_names} differ from the checkpoint's "
+            f"{loaded.class_names}; evaluate on data with the same classes."
+        )
+    split = getattr(bundle, args.split)
+    if split is None:
+        raise UserError(f"data source {cfg.data.name} has no {args.split} split.")
+    loader = build_loaders(cfg, bundle, loaded.device).__dict__[args.split]
+    task = build_task(cfg, bundle, loaded.device)
+    precision = Precision(cfg.train.precision, loaded.device)
+    import torch
+
+    task.reset_metrics()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch["image"] is None:
+                continue
+            x = loaded.normalizer(batch["image"].to(loaded.device))
+            with precision.autocast():
+                out = loaded.model(x)
+            task.update_metrics(out.float(), batch["target"].to(loaded.device))
+    metrics = task.compute_metrics()
+    if args.format == "json":
+        print(json.dumps(metrics, indent=2))
+    else:
+        title = (
+            f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+            f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['samples']} images)"
+        )
+        console.print(per_class_table(metrics, title))
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    """Predict classes for image files or folders."""
+    from visiontrain.data.images import IMAGE_EXTENSIONS
+    from visiontrain.inference import load_trained, predict_files
+
+    paths: list[Path] = []
+    for item in args.images:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise UserError(f"{p} does not exist; pass image files or folders of images.")
+    if not paths:
+        raise UserError("no images found in the given paths.")
+    loaded = load_trained(args.target)
+    probs = predict_files(loaded, paths)
+    k = min(args.top_k, len(loaded.class_names))
+    top_p, top_i = probs.topk(k, dim=1)
+    rows = [
+        {
+            "file": str(path),
+            "prediction": loaded.class_names[int(top_i[n, 0])],
+            "probability": round(float(top_p[n, 0]), 6),
+            "top": [
+                {"class": loaded.class_names[int(i)], "probability": round(float(p), 6)}
+                for p, i in zip(top_p[n], top_i[n], strict=True)
+            ],
+        }
+        for n, path in enumerate(paths)
+    ]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        print("file,prediction,probability")
+        for r in rows:
+            print(f"{r['file']},{r['prediction']},{r['probability']}")
+    else:
+        table = Table()
+        for col in ("file", "prediction", "probability"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["file"], r["prediction"], f"{r['probability']:.4f}")
+        console.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per verb."""
+    parser = argparse.ArgumentParser(
+        prog="visiontrain",
+        description="Train vision models fast, correctly and reproducibly.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"visiontrain {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the embedded defects data)",
+        description="Train a model. With no arguments, trains the embedded `defects` data. "
+        "The last line printed is the run directory.",
+        epilog=EPILOG,
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument(
+        "--check", action="store_true", help="validate config, data and model; do not train"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run or checkpoint on a split",
+        description="Evaluate a run directory (its best.pt) or a checkpoint on a data split. "
+        "key=value overrides change the data (e.g. data.root=PATH).",
+    )
+    p.add_argument("target", metavar="RUN_OR_CKPT")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict classes for image files",
+        description="Predict the class of each image with a run directory or checkpoint.",
+    )
+    p.add_argument("target", metavar="RUN_OR_CKPT")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``visiontrain`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    console = Console(stderr=False, highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return args.func(args, console)
+    except UserError as exc:
+        err.print(f"error: {clean_message(exc)}", markup=False, highlight=False)
+        return EXIT_BAD_INPUT
+    except Interrupted as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        return EXIT_SIGINT
+    except Exception:  # anything unexpected: show the traceback, exit 1
+        traceback.print_exc()
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

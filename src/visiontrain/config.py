@@ -1,0 +1,346 @@
+"""The typed config tree: YAML file plus dotted ``key=value`` overrides, validated once.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as
+``optim.lrr`` is an error that names the nearest valid key instead of a silent default.
+Options that only one component understands (a generator's defect rate, the SGD
+momentum) are ``None`` when unset so that the component's own default applies, and the
+component refuses them when it cannot honour them (see :func:`refuse_unused`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from visiontrain.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where images come from and how they reach the model."""
+
+    name: str = "defects"
+    root: str | None = None
+    image_size: int | None = Field(None, ge=8, le=4096)
+    batch_size: int = Field(64, ge=1, le=65536)
+    num_workers: int = Field(0, ge=0, le=128)
+    pin_memory: bool | None = None
+    prefetch_factor: int = Field(2, ge=1, le=64)
+    persistent_workers: bool = True
+    drop_last: bool = True
+    augment: Literal["none", "light", "standard"] = "light"
+    val_split: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    on_error: Literal["raise", "skip"] = "raise"
+    download: bool = False
+    cache_dir: str | None = None
+    train_size: int | None = Field(None, ge=1)
+    val_size: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    defect_rate: float | None = Field(None, gt=0.0, lt=1.0)
+    defect_classes: Literal["binary", "types"] | None = None
+
+
+class ModelConfig(_Section):
+    """Which network, how it is initialised and regularised."""
+
+    name: str = "simple_cnn"
+    pretrained: bool = False
+    init: Literal["default", "kaiming", "xavier", "lecun", "gpt"] = "default"
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0)
+    width: int | None = Field(None, ge=1, le=1024)
+    depth: int | None = Field(None, ge=1, le=8)
+    norm: Literal["batch", "layer", "group", "none"] | None = None
+
+
+class LossConfig(_Section):
+    """The training objective."""
+
+    name: str = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
+            raise ValueError("an explicit list needs one positive weight per class")
+        return value
+
+
+class OptimConfig(_Section):
+    """The optimizer and its parameter groups."""
+
+    name: str = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    nesterov: bool | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0.0, le=1.0)
+    decay_norm_bias: bool = False
+
+
+class ScheduleConfig(_Section):
+    """How the learning rate moves during training."""
+
+    name: str = "none"
+    warmup_epochs: float | None = Field(None, ge=0.0)
+    warmup_start_factor: float | None = Field(None, gt=0.0, le=1.0)
+    min_lr: float | None = Field(None, ge=0.0)
+    step_size: int | None = Field(None, ge=1)
+    gamma: float | None = Field(None, gt=0.0, le=1.0)
+    t0: int | None = Field(None, ge=1)
+    t_mult: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=0)
+    factor: float | None = Field(None, gt=0.0, lt=1.0)
+    max_lr: float | None = Field(None, gt=0.0)
+    pct_start: float | None = Field(None, gt=0.0, lt=1.0)
+
+
+class EarlyStoppingConfig(_Section):
+    """Stop when the monitored metric stops improving."""
+
+    patience: int | None = Field(None, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Section):
+    """The loop: length, precision, accumulation, clipping, seeding, monitoring."""
+
+    epochs: int = Field(10, ge=1, le=100_000)
+    precision: Literal["32", "bf16", "fp16"] = "32"
+    accumulate: int = Field(1, ge=1, le=4096)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    grad_clip_value: float | None = Field(None, gt=0.0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = False
+    monitor: str = "val/loss"
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    eval_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        # YAML reads `precision: 32` as an int; the key is a name, so accept both.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class RunConfig(_Section):
+    """Where the run lives and how it resumes."""
+
+    dir: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    keep_last: int = Field(2, ge=0, le=1000)
+    save_every_steps: int | None = Field(None, ge=1)
+
+
+class Config(_Section):
+    """The whole resolved configuration of a run."""
+
+    task: str = "classification"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every key, defaults included."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, in section order."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of a config model, sections included."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(all_keys(sub, dotted + "."))
+    return keys
+
+
+def suggest_key(key: str) -> str | None:
+    """Nearest valid dotted key for a misspelt one, or None."""
+    keys = all_keys()
+    depth = key.count(".")
+    same_depth = [k for k in keys if k.count(".") == depth]
+    close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    # A right leaf under the wrong section ("train.lr") deserves the right section.
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if by_leaf:
+        return by_leaf[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        # Drop pydantic's union-branch markers such as "literal['none','balanced']".
+        key = ".".join(
+            str(p) for p in item["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p))
+        )
+        if item["type"] == "extra_forbidden":
+            hint = suggest_key(key)
+            tip = f" — did you mean `{hint}`?" if hint else ""
+            lines.append(f"unknown key `{key}`{tip}")
+        else:
+            lines.append(f"`{key}` = {item.get('input')!r} is not allowed: {item['msg']}")
+    unique = list(dict.fromkeys(lines))
+    return (
+        f"invalid config ({source}): "
+        + "; ".join(unique)
+        + ". Fix the key in the YAML file or pass it as key=value "
+        "(see `visiontrain train --help` and configs/)."
+    )
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"cannot set `{key}`: `{prefix}` is a value, not a section. "
+                "Use a key such as `optim.lr=3e-4`."
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are read as YAML scalars or lists."""
+    parsed = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"cannot read override `{item}`: write it as key=value, e.g. `optim.lr=3e-4`."
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot read the value of `{key}` ({text!r}): {exc}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file with ``safe_load``; object tags are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist. Pass a YAML file (see configs/) "
+            "or only key=value overrides."
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc}. Only plain YAML (maps, lists, "
+            "numbers, strings) is accepted; Python object tags are refused."
+        ) from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (task, data, model, ...), "
+            f"not a {type(data).__name__}."
+        )
+    return data
+
+
+def build_config(
+    tree: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    source: str = "command line",
+) -> Config:
+    """Validate a raw config tree plus dotted overrides into a :class:`Config`."""
+    raw: dict[str, Any] = _deep_copy(dict(tree or {}))
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file (optional) and apply ``key=value`` overrides."""
+    tree = read_yaml(path) if path is not None else {}
+    source = f"{path} + overrides" if path is not None else "command line"
+    return build_config(tree, overrides, source)
+
+
+def refuse_unused(section: BaseModel, section_name: str, used: Iterable[str], owner: str) -> None:
+    """Refuse options that were set but that ``owner`` does not use.
+
+    Args:
+        section: the config section holding the options.
+        section_name: its dotted name, for the message (``"optim"``).
+        used: the field names ``owner`` honours.
+        owner: what is being built (``"optimizer sgd"``), for the message.
+
+    """
+    always = {"name"}
+    unused = sorted(
+        name
+        for name in section.model_fields_set
+        if name not in set(used) | always
+        and getattr(section, name) is not None
+        and name in _OPTIONAL_FIELDS.get(type(section), set())
+    )
+    if unused:
+        keys = ", ".join(f"`{section_name}.{k}`" for k in unused)
+        raise ConfigError(
+            f"{keys} set, but {owner} does not use it. Remove the key, or choose a "
+            f"{section_name} that uses it."
+        )
+
+
+def _optional_fields(model: type[BaseModel]) -> set[str]:
+    """Fields whose default is None: the component-specific options."""
+    return {n for n, f in model.model_fields.items() if f.default is None}
+
+
+_OPTIONAL_FIELDS: dict[type[BaseModel], set[str]] = {
+    m: _optional_fields(m) for m in (DataConfig, ModelConfig, OptimConfig, ScheduleConfig)
+}
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}

@@ -1,0 +1,245 @@
+"""Assemble a run from a resolved config: data, model, task, optimizer, trainer, callbacks.
+
+Everything that can fail on bad input (data, model, option checks) is built before the
+run directory is created, so a refused command leaves nothing behind that looks valid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from visiontrain.config import Config
+from visiontrain.data import DataBundle, build_data
+from visiontrain.data.loaders import build_loader
+from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
+from visiontrain.engine.checkpoint import load_checkpoint
+from visiontrain.engine.optim import build_optimizer
+from visiontrain.engine.precision import Precision
+from visiontrain.engine.schedules import Horizon, build_schedule
+from visiontrain.engine.seed import seed_everything, set_deterministic
+from visiontrain.engine.signals import StopFlag
+from visiontrain.engine.trainer import Loaders, Trainer
+from visiontrain.errors import ConfigError, UserError
+from visiontrain.io import atomic_write_json, atomic_write_text
+from visiontrain.models import create_model
+from visiontrain.models.init import init_weights
+from visiontrain.tasks import Task, build_task
+from visiontrain.tracking.envinfo import environment
+from visiontrain.tracking.jsonl import JsonlLogger
+from visiontrain.tracking.progress import ProgressPrinter, choose_mode
+from visiontrain.tracking.tensorboard import TensorBoardLogger
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu.")
+    return torch.device(name)
+
+
+def build_model(cfg: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
+    """The configured model, initialised, on ``device``."""
+    m = cfg.model
+    model = create_model(
+        m.name,
+        num_classes=bundle.num_classes,
+        in_chans=bundle.in_channels,
+        pretrained=m.pretrained,
+        dropout=m.dropout,
+        drop_path=m.drop_path,
+        width=m.width,
+        depth=m.depth,
+        norm=m.norm,
+    )
+    init_weights(model, m.init)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass
+class RunPlan:
+    """Where a run lives and what it resumes from."""
+
+    run_dir: Path
+    resume_from: Path | None
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Resolve ``run.dir``/``run.name``/``run.resume`` into a folder and a checkpoint."""
+    name = cfg.run.name or f"{cfg.task}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.dir).expanduser() / name
+    resume = cfg.run.resume
+    if resume is None:
+        if cfg.run.name is None:
+            base, n = run_dir, 1
+            while run_dir.exists():
+                run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+        elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+            raise UserError(
+                f"run directory {run_dir} already holds a run. Continue it with "
+                "run.resume=auto, or choose another run.name."
+            )
+        return RunPlan(run_dir, None)
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return RunPlan(run_dir, last if last.is_file() else None)
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(
+            f"run.resume={resume}: no checkpoint at {path}. Pass a .pt file, a run "
+            "directory, or run.resume=auto."
+        )
+    if path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+    return RunPlan(run_dir, path)
+
+
+def build_loaders(cfg: Config, bundle: DataBundle, device: torch.device) -> Loaders:
+    """Train, val and test loaders with the run's seed."""
+    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    kw: dict[str, Any] = {"seed": cfg.train.seed, "pin_memory": pin}
+    return Loaders(
+        train=build_loader(bundle.train, bundle, cfg.data, train=True, **kw),
+        val=build_loader(bundle.val, bundle, cfg.data, train=False, **kw),
+        test=(
+            build_loader(bundle.test, bundle, cfg.data, train=False, **kw)
+            if bundle.test is not None
+            else None
+        ),
+    )
+
+
+def check_monitor(cfg: Config, task: Task) -> None:
+    """Refuse a ``train.monitor`` the task cannot compute, before any training."""
+    names = task.metric_names()
+    if cfg.train.monitor not in names:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.train.monitor, names, n=1)
+        tip = f" — did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"train.monitor={cfg.train.monitor} is not a validation metric{tip} "
+            f"Choose one of: {', '.join(names)}."
+        )
+
+
+def build_trainer(
+    cfg: Config, console: Console, stop_flag: StopFlag | None = None, check_only: bool = False
+) -> Trainer | None:
+    """Build everything for ``visiontrain train``; with ``check_only`` stop before writing."""
+    plan = plan_run(cfg)
+    set_deterministic(cfg.train.deterministic)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    bundle = build_data(cfg.data)
+    task = build_task(cfg, bundle, device)
+    check_monitor(cfg, task)
+    model = build_model(cfg, bundle, device)
+    optimizer = build_optimizer(cfg.optim, model)
+    loaders = build_loaders(cfg, bundle, device)
+    horizon = Horizon(
+        epochs=cfg.train.epochs,
+        updates_per_epoch=math.ceil(len(loaders.train.batch_sampler) / cfg.train.accumulate),
+    )
+    schedule = build_schedule(optimizer, cfg.schedule, cfg.optim, horizon)
+    precision = Precision(cfg.train.precision, device)
+    resume_state = load_checkpoint(plan.resume_from) if plan.resume_from else None
+    if check_only:
+        return None
+
+    run_dir = plan.run_dir
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    resume_step = resume_state["counters"]["global_step"] if resume_state else None
+    if resume_state is None and cfg.run.resume == "auto" and (run_dir / "metrics.jsonl").exists():
+        resume_step = -1  # a run that died before its first checkpoint: start its log anew
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", cfg.run.keep_last, cfg.run.save_every_steps
+    )
+    callbacks: list[Callback] = [
+        JsonlLogger(run_dir / "metrics.jsonl", resume_step),
+        TensorBoardLogger(run_dir / "tb", None if resume_step is None else resume_step + 1),
+        ProgressPrinter(choose_mode(cfg.train.progress), console),
+    ]
+    if cfg.train.early_stopping.patience:
+        es = cfg.train.early_stopping
+        callbacks.append(EarlyStopping(es.patience, es.min_delta))
+    trainer = Trainer(
+        cfg=cfg,
+        run_dir=run_dir,
+        bundle=bundle,
+        model=model,
+        task=task,
+        optimizer=optimizer,
+        schedule=schedule,
+        precision=precision,
+        device=device,
+        loaders=loaders,
+        horizon=horizon,
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+        console=console,
+        stop_flag=stop_flag,
+    )
+    if schedule.interval == "metric":
+        schedule.scheduler.mode = trainer.monitor_mode
+        schedule.scheduler._init_is_better(  # torch keeps the mode's comparator private
+            mode=trainer.monitor_mode,
+            threshold=schedule.scheduler.threshold,
+            threshold_mode=schedule.scheduler.threshold_mode,
+        )
+    if resume_state is not None:
+        trainer.load_state(resume_state, plan.resume_from)
+        console.print(
+            f"resuming from {plan.resume_from} (epoch {trainer.epochs_done + 1}, batch "
+            f"{trainer.batch_in_epoch}, step {trainer.global_step})",
+            highlight=False,
+        )
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_json(run_dir / "env.json", environment(device))
+    for note in bundle.notes:
+        console.print(f"note: {note}", highlight=False)
+    return trainer
+
+
+def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
+    """Write ``summary.json`` for a finished run and return it."""
+    ck = trainer.checkpointer
+    es = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
+    summary = {
+        "run_dir": str(trainer.run_dir),
+        "task": trainer.task.name,
+        "monitor": trainer.cfg.train.monitor,
+        "monitor_mode": trainer.monitor_mode,
+        "best_epoch": ck.best_epoch,
+        "best_step": ck.best_step,
+        "best_score": ck.best_score,
+        "epochs_run": trainer.epochs_done,
+        "global_step": trainer.global_step,
+        "stopped_early": bool(es and es.stopped_epoch is not None),
+        "metrics": {k: v for k, v in trainer.results.items() if k in ("val", "test")},
+        **trainer.task.summary_info(),
+        "skipped_files": {"count": len(trainer.skipped), "files": sorted(trainer.skipped)},
+        "timings": {
+            "total_s": round(wall_seconds, 3),
+            "train_s": round(trainer.timings["train_s"], 3),
+            "eval_s": round(trainer.timings["eval_s"], 3),
+        },
+        "device": str(trainer.device),
+        "precision": trainer.cfg.train.precision,
+    }
+    atomic_write_json(trainer.run_dir / "summary.json", summary)
+    return summary

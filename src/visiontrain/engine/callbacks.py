@@ -1,0 +1,151 @@
+"""Callbacks: a few hooks, each callback owning its state (saved in every checkpoint).
+
+Hooks: ``on_fit_start``, ``on_log`` (every metrics record), ``on_update`` (after each
+optimizer update), ``on_epoch_end``, ``on_fit_end``; plus ``state_dict`` and
+``load_state_dict``. Checkpointing, early stopping, loggers and progress are callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from visiontrain.engine.checkpoint import save_checkpoint
+
+if TYPE_CHECKING:
+    from visiontrain.engine.trainer import Trainer
+
+
+class Callback:
+    """Base class; every hook is optional."""
+
+    name = "callback"
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step (also after a resume)."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """A metrics record (train interval, train epoch, val, test)."""
+
+    def on_update(self, trainer: Trainer) -> None:
+        """After an optimizer update."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After an epoch's training and (when due) evaluation."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """After the last epoch, test evaluation included."""
+
+    def close(self) -> None:
+        """Release files and displays (also on an interrupted run)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` improves on ``best`` by more than ``min_delta``."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class Checkpointer(Callback):
+    """Writes last.pt (each epoch and every ``save_every_steps``), best.pt and epoch files."""
+
+    name = "checkpointer"
+
+    def __init__(self, folder: Path, keep_last: int, save_every_steps: int | None) -> None:
+        self.folder = folder
+        self.keep_last = keep_last
+        self.save_every_steps = save_every_steps
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, Any] | None = None
+
+    def save_last(self, trainer: Trainer) -> Path:
+        """Write last.pt now (also used on SIGINT/SIGTERM)."""
+        path = self.folder / "last.pt"
+        save_checkpoint(path, trainer.checkpoint_state())
+        return path
+
+    def on_update(self, trainer: Trainer) -> None:  # noqa: D102
+        every = self.save_every_steps
+        # Only mid-epoch: the epoch-end save covers the last update of an epoch.
+        if every and trainer.global_step % every == 0 and not trainer.at_epoch_end:
+            self.save_last(trainer)
+
+    def on_epoch_end(self, trainer: Trainer) -> None:  # noqa: D102
+        if trainer.evaluated_this_epoch and is_better(
+            trainer.monitor_value, self.best_score, trainer.monitor_mode
+        ):
+            self.best_score = trainer.monitor_value
+            self.best_epoch = trainer.epoch
+            self.best_step = trainer.global_step
+            self.best_metrics = trainer.results.get("val_last")
+            trainer.improved = True
+        state = trainer.checkpoint_state()
+        save_checkpoint(self.folder / "last.pt", state)
+        if trainer.improved:
+            save_checkpoint(self.folder / "best.pt", state)
+        if self.keep_last > 0:
+            save_checkpoint(self.folder / f"epoch-{trainer.epoch:04d}.pt", state)
+            epochs = sorted(self.folder.glob("epoch-*.pt"))
+            for old in epochs[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "best_metrics": self.best_metrics,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.best_score = state.get("best_score")
+        self.best_epoch = state.get("best_epoch")
+        self.best_step = state.get("best_step")
+        self.best_metrics = state.get("best_metrics")
+
+
+class EarlyStopping(Callback):
+    """Stop after ``patience`` evaluations without an improvement of ``min_delta``."""
+
+    name = "early_stopping"
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, trainer: Trainer) -> None:  # noqa: D102
+        if not trainer.evaluated_this_epoch:
+            return
+        if is_better(trainer.monitor_value, self.best, trainer.monitor_mode, self.min_delta):
+            self.best, self.wait = trainer.monitor_value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = trainer.epoch
+            trainer.should_stop = True
+            trainer.console(
+                f"early stopping: {trainer.cfg.train.monitor} has not improved by more than "
+                f"{self.min_delta} for {self.patience} evaluations (best {self.best:.5g})"
+            )
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.best, self.wait = state.get("best"), state.get("wait", 0)
+        self.stopped_epoch = state.get("stopped_epoch")

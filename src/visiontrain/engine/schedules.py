@@ -1,0 +1,173 @@
+"""LR schedule registry; each schedule declares the granularity the trainer steps it at.
+
+``step``: after every optimizer update (onecycle, warmup_cosine); ``epoch``: after every
+epoch (step, exponential, cosine, cosine_restarts); ``metric``: after every evaluation,
+with the monitored value (plateau). ``none`` keeps the LR constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.optim import Optimizer, lr_scheduler
+
+from visiontrain.config import OptimConfig, ScheduleConfig, refuse_unused
+from visiontrain.errors import ConfigError
+
+
+@dataclass
+class Schedule:
+    """A scheduler and when to step it."""
+
+    scheduler: lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau | None
+    interval: str  # "step" | "epoch" | "metric" | "none"
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """Training length, known before the first step."""
+
+    epochs: int
+    updates_per_epoch: int
+
+    @property
+    def total_updates(self) -> int:
+        """Optimizer updates in the whole run."""
+        return self.epochs * self.updates_per_epoch
+
+
+Builder = Callable[[Optimizer, ScheduleConfig, OptimConfig, Horizon], Schedule]
+_SCHEDULES: dict[str, tuple[Builder, frozenset[str]]] = {}
+
+
+def register_schedule(name: str, uses: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Register a schedule builder and the ``schedule.*`` keys it honours."""
+
+    def deco(fn: Builder) -> Builder:
+        if name in _SCHEDULES:
+            raise ValueError(f"schedule {name!r} is already registered")
+        _SCHEDULES[name] = (fn, frozenset(uses))
+        return fn
+
+    return deco
+
+
+def list_schedules() -> list[str]:
+    """Registered schedule names."""
+    return sorted(_SCHEDULES)
+
+
+def build_schedule(
+    opt: Optimizer, cfg: ScheduleConfig, optim_cfg: OptimConfig, horizon: Horizon
+) -> Schedule:
+    """Build ``schedule.name`` for an optimizer over a known horizon."""
+    entry = _SCHEDULES.get(cfg.name)
+    if entry is None:
+        raise ConfigError(
+            f"unknown schedule `schedule.name={cfg.name}`. Known: {', '.join(list_schedules())}."
+        )
+    builder, uses = entry
+    refuse_unused(cfg, "schedule", uses, f"schedule {cfg.name}")
+    return builder(opt, cfg, optim_cfg, horizon)
+
+
+def _or(value: float | int | None, default: float | int) -> float | int:
+    return default if value is None else value
+
+
+@register_schedule("none")
+def _none(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    return Schedule(None, "none")
+
+
+@register_schedule("step", ("step_size", "gamma"))
+def _step(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    size = int(_or(cfg.step_size, max(1, h.epochs // 3)))
+    return Schedule(lr_scheduler.StepLR(opt, size, gamma=_or(cfg.gamma, 0.1)), "epoch")
+
+
+@register_schedule("exponential", ("gamma",))
+def _exponential(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    return Schedule(lr_scheduler.ExponentialLR(opt, gamma=_or(cfg.gamma, 0.95)), "epoch")
+
+
+@register_schedule("cosine", ("min_lr",))
+def _cosine(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    sched = lr_scheduler.CosineAnnealingLR(opt, T_max=h.epochs, eta_min=_or(cfg.min_lr, 0.0))
+    return Schedule(sched, "epoch")
+
+
+@register_schedule("cosine_restarts", ("t0", "t_mult", "min_lr"))
+def _restarts(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    sched = lr_scheduler.CosineAnnealingWarmRestarts(
+        opt,
+        T_0=int(_or(cfg.t0, max(1, h.epochs // 3))),
+        T_mult=int(_or(cfg.t_mult, 1)),
+        eta_min=_or(cfg.min_lr, 0.0),
+    )
+    return Schedule(sched, "epoch")
+
+
+@register_schedule("plateau", ("patience", "factor", "min_lr"))
+def _plateau(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    # The mode is set by the trainer from train.monitor before the first step.
+    sched = lr_scheduler.ReduceLROnPlateau(
+        opt,
+        factor=_or(cfg.factor, 0.1),
+        patience=int(_or(cfg.patience, 3)),
+        min_lr=_or(cfg.min_lr, 0.0),
+    )
+    return Schedule(sched, "metric")
+
+
+@register_schedule("onecycle", ("max_lr", "pct_start"))
+def _onecycle(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    sched = lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=_or(cfg.max_lr, o.lr),
+        total_steps=max(1, h.total_updates),
+        pct_start=_or(cfg.pct_start, 0.3),
+    )
+    return Schedule(sched, "step")
+
+
+def warmup_cosine_factor(
+    step: int, warmup: int, total: int, start_factor: float, min_factor: float
+) -> float:
+    """LR multiplier at update ``step``.
+
+    Linear from ``start_factor`` to 1 over ``warmup`` updates, then a cosine from 1 down
+    to ``min_factor`` at ``total`` updates.
+    """
+    if warmup > 0 and step < warmup:
+        return start_factor + (1.0 - start_factor) * step / warmup
+    decay = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / decay)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _WarmupCosine:
+    """Picklable-free LR lambda (its numbers are in the scheduler's own state)."""
+
+    def __init__(self, warmup: int, total: int, start: float, min_factor: float) -> None:
+        self.warmup, self.total, self.start, self.min_factor = warmup, total, start, min_factor
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine_factor(step, self.warmup, self.total, self.start, self.min_factor)
+
+
+@register_schedule("warmup_cosine", ("warmup_epochs", "warmup_start_factor", "min_lr"))
+def _warmup_cosine(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    warmup = round(_or(cfg.warmup_epochs, 1.0) * h.updates_per_epoch)
+    total = max(1, h.total_updates)
+    if warmup >= total:
+        raise ConfigError(
+            f"schedule.warmup_epochs={cfg.warmup_epochs} covers the whole run "
+            f"({h.epochs} epochs); lower it or raise train.epochs."
+        )
+    fn = _WarmupCosine(
+        warmup, total, _or(cfg.warmup_start_factor, 0.01), _or(cfg.min_lr, 0.0) / o.lr
+    )
+    return Schedule(lr_scheduler.LambdaLR(opt, fn), "step")

@@ -1,0 +1,173 @@
+"""One registry of model builders: ``@register_model(name)``, ``create_model(name, ...)``.
+
+Names resolve in order: registered builders, then ``timm:NAME``/``torchvision:NAME`` (or a
+bare timm or torchvision classification model name). Options left ``None`` are dropped
+so the builder's default applies; an option a model cannot honour is an error, never
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from visiontrain.errors import ConfigError
+
+ModelBuilder = Callable[..., nn.Module]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder ``fn(num_classes, in_chans, **options) -> nn.Module``."""
+
+    def deco(fn: ModelBuilder) -> ModelBuilder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered (built-in) model names; timm and torchvision names also resolve."""
+    _import_builtin()
+    return sorted(_MODELS)
+
+
+def _import_builtin() -> None:
+    from visiontrain.models import simple_cnn  # noqa: F401
+
+
+def _timm(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool,
+    dropout: float | None = None,
+    drop_path: float | None = None,
+    **rest: Any,
+) -> nn.Module:
+    import timm
+
+    _refuse(rest, f"timm model {name}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+    if dropout is not None:
+        kwargs["drop_rate"] = dropout
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"timm model {name} does not accept these options: {exc}") from None
+
+
+def _torchvision(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool,
+    dropout: float | None = None,
+    drop_path: float | None = None,
+    **rest: Any,
+) -> nn.Module:
+    import torchvision
+
+    _refuse(rest, f"torchvision model {name}")
+    if drop_path is not None:
+        raise ConfigError(
+            f"torchvision model {name} has no drop-path option; use a timm model "
+            "(e.g. model.name=resnet18 resolves through timm) or unset model.drop_path."
+        )
+    if pretrained:
+        raise ConfigError(
+            "model.pretrained=true with a torchvision model needs its ImageNet head; use the "
+            "timm model of the same name, which swaps the head for your class count."
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"torchvision model {name} does not accept these options ({exc}); unset "
+            "model.dropout or use a timm model."
+        ) from None
+    if in_chans != 3:
+        model = _GreyToRGB(model, in_chans)
+    return model
+
+
+class _GreyToRGB(nn.Module):
+    """torchvision models expect 3 channels; repeat a single channel rather than refuse."""
+
+    def __init__(self, model: nn.Module, in_chans: int) -> None:
+        super().__init__()
+        if in_chans != 1:
+            raise ConfigError(
+                f"torchvision models take 3 input channels, the data has {in_chans}; "
+                "use a timm model (it adapts in_chans)."
+            )
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.expand(-1, 3, -1, -1))
+
+
+def _refuse(opts: dict[str, Any], owner: str) -> None:
+    left = {k: v for k, v in opts.items() if v is not None}
+    if left:
+        keys = ", ".join(f"`model.{k}`" for k in sorted(left))
+        raise ConfigError(f"{keys} set, but {owner} does not use it. Remove the key.")
+
+
+def _external(name: str) -> tuple[str, str] | None:
+    """Resolve a name to ("timm"|"torchvision", model name), or None."""
+    prefix, sep, rest = name.partition(":")
+    if sep:
+        if prefix not in ("timm", "torchvision"):
+            return None
+        return prefix, rest
+    import timm
+
+    if timm.is_model(name):
+        return "timm", name
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return "torchvision", name
+    return None
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Build a model by name; ``None`` options are dropped so builder defaults apply."""
+    _import_builtin()
+    opts = {k: v for k, v in options.items() if v is not None}
+    if name in _MODELS:
+        if pretrained:
+            raise ConfigError(
+                f"model {name} has no pretrained weights; set model.pretrained=false."
+            )
+        return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **opts)
+    resolved = _external(name)
+    if resolved is None:
+        close = difflib.get_close_matches(name, list(_MODELS), n=1)
+        tip = f" — did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"unknown model `model.name={name}`{tip} Use a built-in "
+            f"({', '.join(sorted(_MODELS))}), a timm name (e.g. resnet18, "
+            "`timm:convnext_atto`) or `torchvision:NAME`."
+        )
+    lib, real = resolved
+    builder = _timm if lib == "timm" else _torchvision
+    return builder(real, num_classes, in_chans, pretrained, **opts)

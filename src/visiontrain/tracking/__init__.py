@@ -1,0 +1,1 @@
+"""Writers of run logs: JSONL, TensorBoard, terminal progress."""
