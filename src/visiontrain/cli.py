@@ -243,18 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    console = Console(stderr=False, highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # soft_wrap: log lines stay whole when output goes to a file or a CI log.
+    console = Console(highlight=False, soft_wrap=True)
     try:
         return args.func(args, console)
     except UserError as exc:
-        err.print(f"error: {clean_message(exc)}", markup=False, highlight=False)
+        print(f"error: {clean_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except Interrupted as exc:
-        err.print(str(exc), markup=False, highlight=False)
+        print(str(exc), file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
+        print("interrupted before a checkpoint could be saved", file=sys.stderr, flush=True)
         return EXIT_SIGINT
     except Exception:  # anything unexpected: show the traceback, exit 1
         traceback.print_exc()

@@ -327,8 +327,8 @@ def refuse_unused(section: BaseModel, section_name: str, used: Iterable[str], ow
     if unused:
         keys = ", ".join(f"`{section_name}.{k}`" for k in unused)
         raise ConfigError(
-            f"{keys} set, but {owner} does not use it. Remove the key, or choose a "
-            f"{section_name} that uses it."
+            f"{keys} set, but {owner} does not use it, so it would be ignored. Remove the "
+            f"key, or change `{section_name}.name` to one that uses it."
         )
 
 

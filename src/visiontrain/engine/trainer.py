@@ -81,7 +81,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.callbacks = [checkpointer, *callbacks]
         self._console = console
-        self.stop_flag = stop_flag or StopFlag()
+        self.stop_flag = stop_flag if stop_flag is not None else StopFlag()
         self.normalizer = Normalizer(bundle.mean, bundle.std).to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         mode = cfg.train.monitor_mode
@@ -293,7 +293,6 @@ class Trainer:
         if not self.stop_flag:
             return
         path = self.checkpointer.save_last(self)
-        self._fire("close")
         raise Interrupted(
             self.stop_flag.exit_code,
             f"stopped by signal at epoch {self.epoch + 1}, step {self.global_step}; saved "

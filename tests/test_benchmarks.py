@@ -1,0 +1,54 @@
+"""The overhead benchmark runs end to end; its timings are never asserted (they are noise)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+RATIO_LINE = re.compile(r"^ratio trainer/raw: \d+\.\d{2}$")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--progress", "plain", "--raw-loader", "slice", "--threads", "1"],
+    ],
+    ids=["defaults", "plain-slice"],
+)
+def test_overhead_quick_runs_and_prints_a_ratio(tmp_path: Path, extra: list[str]) -> None:
+    # TMPDIR points the benchmark's temporary run folder and data cache at tmp_path, so
+    # that we can check it cleans up after itself.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert RATIO_LINE.match(lines[-1]), proc.stdout
+    assert any(line.startswith("raw ") for line in lines), proc.stdout
+    assert any(line.startswith("trainer ") for line in lines), proc.stdout
+    assert "round 1/1" in proc.stdout
+    assert not any(tmp_path.iterdir()), "the benchmark left files behind"
+
+
+def test_overhead_refuses_a_bad_flag() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "--rounds must be positive" in proc.stderr
