@@ -96,3 +96,13 @@ def test_config_roundtrips_through_yaml():
     cfg = build_config(overrides=["optim.lr=0.01", "train.grad_clip_norm=1.0"])
     again = build_config(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    sections = {"data", "model", "loss", "optim", "schedule", "train", "run",
+                "train.early_stopping"}
+    missing = [k for k in all_keys() if k not in sections and f"`{k}`" not in text]
+    assert not missing

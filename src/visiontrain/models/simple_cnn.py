@@ -30,7 +30,7 @@ class SimpleCNN(nn.Module):
         self,
         num_classes: int,
         in_chans: int = 3,
-        width: int = 32,
+        width: int = 16,
         depth: int = 3,
         norm: str = "batch",
         dropout: float = 0.0,
@@ -63,7 +63,7 @@ class SimpleCNN(nn.Module):
 def simple_cnn(
     num_classes: int,
     in_chans: int,
-    width: int = 32,
+    width: int = 16,
     depth: int = 3,
     norm: str = "batch",
     dropout: float = 0.0,

@@ -1,0 +1,179 @@
+"""DataLoaders whose order and augmentation are functions of (seed, epoch, index).
+
+The batch sampler yields ``(epoch, index)`` pairs, so every loader worker — persistent
+or not — knows the epoch without shared state, and each sample's augmentation is seeded
+from (seed, epoch, index). Resuming therefore needs only the epoch and the batch
+position: no worker RNG state, and no re-reading of the batches already seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from visiontrain.config import DataConfig
+from visiontrain.data.sources import DataBundle, Split
+from visiontrain.data.transforms import Transform, build_transform
+from visiontrain.engine.seed import sample_seed, worker_init
+from visiontrain.errors import DataError, clean_message
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)``; the order is seeded by (seed, epoch), resumable.
+
+    Sharded by ``rank``/``world_size`` without padding, so that every sample is seen once.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order and skip the first ``start_batch`` batches (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        per_rank = len(range(self.rank, self.n, self.world_size))
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx = self._indices()
+        for b in range(self.start_batch, len(self)):
+            chunk = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in chunk]
+
+
+@dataclass
+class Skipped:
+    """A sample that could not be read under ``data.on_error=skip``."""
+
+    name: str
+    reason: str
+
+
+class AugmentedDataset(Dataset):
+    """A split plus its transform, indexed by ``(epoch, index)``."""
+
+    def __init__(self, split: Split, transform: Transform | None, seed: int, on_error: str) -> None:
+        self.split, self.transform, self.seed, self.on_error = split, transform, seed, on_error
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | Skipped:
+        epoch, index = key
+        try:
+            image, target = self.split.load(index)
+        except DataError as exc:
+            if self.on_error == "skip":
+                return Skipped(self.split.describe(index), str(exc))
+            raise
+        if self.transform is not None:
+            # Seed this sample's augmentation from (seed, epoch, index) without touching
+            # the caller's RNG stream: identical in any worker and after a resume.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                image = self.transform(image)
+        return image, target
+
+
+def collate(items: list[tuple[torch.Tensor, int] | Skipped]) -> dict[str, object]:
+    """Stack uint8 images and labels; skipped samples are reported, not stacked."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it.name for it in items if isinstance(it, Skipped)]
+    if not good:
+        return {"image": None, "target": None, "skipped": skipped}
+    images = torch.stack([it[0] for it in good])
+    targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    return {"image": images, "target": targets, "skipped": skipped}
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that stops its workers as soon as one of them fails.
+
+    A worker's exception is re-raised in the main process wrapped as ``Caught DataError in
+    DataLoader worker process 0. Original Traceback ...``, and its traceback holds the
+    loader iterator in a reference cycle. Shut down later by the cyclic garbage collector,
+    the workers never see their stop signal and are killed only after a 5 s timeout each
+    (a 10 s stall with two workers). So the workers are stopped here, at once, and a
+    DataError is re-raised with the plain one-paragraph message.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        except Exception as exc:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+                if getattr(self, "_iterator", None) is iterator:
+                    self._iterator = None  # persistent workers: start fresh ones next time
+            if isinstance(exc, DataError) and clean_message(exc) != str(exc):
+                raise DataError(clean_message(exc)) from None
+            raise
+
+
+def build_loader(
+    split: Split,
+    bundle: DataBundle,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    seed: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A DataLoader over one split with the resumable batch sampler."""
+    transform = build_transform(
+        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, train
+    )
+    dataset = AugmentedDataset(split, transform, seed, cfg.on_error)
+    sampler = EpochBatchSampler(
+        len(split),
+        cfg.batch_size,
+        shuffle=train,
+        drop_last=train and cfg.drop_last and len(split) >= cfg.batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    workers = cfg.num_workers
+    return EpochLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        worker_init_fn=worker_init if workers > 0 else None,
+        # A private generator: creating loader iterators must not consume the global RNG,
+        # or a resumed run would draw different dropout masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,231 @@
+"""The data-source registry and the two storage shapes every source reduces to.
+
+A source turns ``data.*`` config into a :class:`DataBundle`: train/val/test splits that
+each return ``(uint8 CHW tensor, label)`` for an index, plus class names and the
+normalisation statistics. Images stay uint8 until they reach the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontrain.config import DataConfig, refuse_unused
+from visiontrain.errors import ConfigError, DataError
+
+
+class Split:
+    """One split of a source: indexable ``(uint8 CHW tensor, label)`` pairs."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Decode sample ``index`` into a uint8 CHW tensor and its label."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Name of sample ``index`` for messages (a path, or split and index)."""
+        return f"sample {index}"
+
+
+class ArraySplit(Split):
+    """Images held in memory as one uint8 NHWC array (generated or read from a binary file)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError("ArraySplit needs uint8 images shaped N,H,W,C")
+        # One CHW tensor for the whole array: indexing it is a cheap slice, no copy.
+        chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        if not chw.flags.writeable:
+            # A view of read-only memory (np.frombuffer over bytes, a read-only memmap):
+            # torch cannot guard it, and an in-place op would write through. Own a copy.
+            chw = chw.copy()
+        self.images = torch.from_numpy(chw)
+        self.labels = labels.astype(np.int64)
+        self.name = name
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
+        return self.images[index], int(self.labels[index])
+
+    def describe(self, index: int) -> str:  # noqa: D102
+        return f"{self.name}[{index}]"
+
+
+class FileSplit(Split):
+    """Images read from files on every access (decoded with libjpeg-turbo/libpng)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], channels: int) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.channels = channels
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
+        from visiontrain.data.images import decode_file
+
+        return decode_file(self.paths[index], self.channels), int(self.labels[index])
+
+    def describe(self, index: int) -> str:  # noqa: D102
+        return str(self.paths[index])
+
+
+class SubsetSplit(Split):
+    """A fixed subset of another split."""
+
+    def __init__(self, base: Split, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = base.labels[self.indices]
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
+        return self.base.load(int(self.indices[index]))
+
+    def describe(self, index: int) -> str:  # noqa: D102
+        return self.base.describe(int(self.indices[index]))
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs to know about a data source."""
+
+    train: Split
+    val: Split
+    test: Split | None
+    class_names: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    same_size: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+
+SourceBuilder = Callable[[DataConfig], DataBundle]
+
+
+@dataclass(frozen=True)
+class _SourceEntry:
+    build: SourceBuilder
+    uses: frozenset[str]
+    generates: bool
+
+
+_SOURCES: dict[str, _SourceEntry] = {}
+
+
+def register_source(
+    name: str, uses: Sequence[str] = (), generates: bool = False
+) -> Callable[[SourceBuilder], SourceBuilder]:
+    """Register a data source under ``name``.
+
+    Args:
+        name: the value of ``data.name``.
+        uses: the optional ``data.*`` keys the source honours; others are refused when set.
+        generates: True when the source makes its data, so that ``data.train_size`` and
+            friends set how much it makes; for real data they cap a fixed random subset.
+    """
+
+    def deco(fn: SourceBuilder) -> SourceBuilder:
+        if name in _SOURCES:
+            raise ValueError(f"data source {name!r} is already registered")
+        _SOURCES[name] = _SourceEntry(fn, frozenset(uses), generates)
+        return fn
+
+    return deco
+
+
+def list_sources() -> list[str]:
+    """Registered data-source names."""
+    _import_builtin_sources()
+    return sorted(_SOURCES)
+
+
+def _import_builtin_sources() -> None:
+    # Imported for their @register_source side effect.
+    from visiontrain.data import builtin, imagefolder, synthetic  # noqa: F401
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Build the data bundle named by ``data.name``."""
+    _import_builtin_sources()
+    entry = _SOURCES.get(cfg.name)
+    if entry is None:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.name, list(_SOURCES), n=1)
+        tip = f" — did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"unknown data source `data.name={cfg.name}`{tip} Known: {', '.join(sorted(_SOURCES))}."
+        )
+    always = {"image_size", "pin_memory", "train_size", "val_size", "test_size"}
+    refuse_unused(cfg, "data", entry.uses | always, f"data source {cfg.name}")
+    bundle = entry.build(cfg)
+    if not entry.generates:
+        bundle.train = cap_split(bundle.train, cfg.train_size, cfg.split_seed)
+        bundle.val = cap_split(bundle.val, cfg.val_size, cfg.split_seed + 1)
+        if bundle.test is not None:
+            bundle.test = cap_split(bundle.test, cfg.test_size, cfg.split_seed + 2)
+    for name, split in (("train", bundle.train), ("val", bundle.val)):
+        if len(split) == 0:
+            raise DataError(f"the {name} split of data source {cfg.name} is empty.")
+    return bundle
+
+
+def cap_split(split: Split, size: int | None, seed: int) -> Split:
+    """Take a fixed random subset of ``size`` samples (for sources that read real data)."""
+    if size is None or size >= len(split):
+        return split
+    rng = np.random.default_rng(seed)
+    return SubsetSplit(split, np.sort(rng.choice(len(split), size=size, replace=False)))
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, held-out) with ``fraction`` of each class held out."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        # Every class with two or more samples gives at least one and keeps at least one.
+        n_held = min(max(round(len(idx) * fraction), 1), len(idx) - 1) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """Folder for generated and converted data: data.cache_dir, $VISIONTRAIN_CACHE, ~/.cache."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    env = os.environ.get("VISIONTRAIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "visiontrain"
+
+
+def cache_key(*parts: object) -> str:
+    """Short stable hash of the settings that determine a cached array."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 scale) of a uint8 NHWC array, on a sample of it."""
+    sample = images[:: max(1, len(images) // 2000)].astype(np.float64) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,197 @@
+"""The embedded ``defects`` data: surface-inspection images with rare defects.
+
+Each image is a grey textured surface (low-frequency shading, grain, faint blotches);
+a small fraction carries one defect — a scratch (a thin straight line), a spot (a soft
+blob) or a crack (a jagged random walk). Contrast varies so that some defects are
+subtle. Everything is drawn from a numpy Generator seeded by the config, so the same
+settings always give the same arrays; they are generated once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from visiontrain.config import DataConfig
+from visiontrain.data.sources import (
+    ArraySplit,
+    DataBundle,
+    cache_key,
+    cache_root,
+    channel_stats,
+    register_source,
+)
+from visiontrain.io import atomic_write
+
+GENERATOR_VERSION = 1
+DEFECT_TYPES = ("scratch", "spot", "crack")
+DEFAULTS = {"image_size": 64, "train": 2000, "val": 600, "test": 600, "rate": 0.05}
+
+
+def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A defect-free textured surface as float32 in 0..255."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(90, 170)
+    shade = sum(
+        rng.uniform(4, 12)
+        * np.sin(
+            2 * np.pi * (rng.uniform(0.3, 2.0) * (np.cos(a) * xx + np.sin(a) * yy))
+            + rng.uniform(0, 2 * np.pi)
+        )
+        for a in rng.uniform(0, np.pi, size=3)
+    )
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), rng.uniform(0.6, 1.4))
+    grain *= rng.uniform(6, 12) / max(grain.std(), 1e-6)
+    # Faint large blotches: nuisance structure that is not a defect.
+    blotch = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), size / 8)
+    blotch *= rng.uniform(3, 8) / max(blotch.std(), 1e-6)
+    return (base + shade + grain + blotch).astype(np.float32)
+
+
+def _line_mask(size: int, points: np.ndarray, width: float) -> np.ndarray:
+    """Rasterise a polyline as a soft mask in 0..1."""
+    mask = np.zeros((size, size), np.float32)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        n = int(max(abs(x1 - x0), abs(y1 - y0)) * 3) + 2
+        xs = np.clip(np.round(np.linspace(x0, x1, n)).astype(int), 0, size - 1)
+        ys = np.clip(np.round(np.linspace(y0, y1, n)).astype(int), 0, size - 1)
+        mask[ys, xs] = 1.0
+    mask = ndimage.gaussian_filter(mask, width * 0.5)
+    return mask / max(mask.max(), 1e-6)
+
+
+def _defect(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    """The soft mask of one defect of ``kind``."""
+    if kind == "scratch":
+        length = rng.uniform(0.3, 0.75) * size
+        angle = rng.uniform(0, np.pi)
+        cx, cy = rng.uniform(0.25, 0.75, 2) * size
+        dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
+        return _line_mask(
+            size, np.array([[cx - dx, cy - dy], [cx + dx, cy + dy]]), rng.uniform(1, 1.8)
+        )
+    if kind == "spot":
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        rx, ry = rng.uniform(0.03, 0.08, 2) * size
+        d = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
+        return np.clip(1.5 - d, 0, 1).astype(np.float32)
+    # crack: a jagged random walk
+    steps = rng.integers(12, 28)
+    angle = rng.uniform(0, 2 * np.pi)
+    pts = [rng.uniform(0.2, 0.8, 2) * size]
+    for _ in range(steps):
+        angle += rng.normal(0, 0.6)
+        pts.append(pts[-1] + rng.uniform(1.0, 2.5) * np.array([np.cos(angle), np.sin(angle)]))
+    return _line_mask(size, np.array(pts), rng.uniform(0.8, 1.4))
+
+
+def generate_defects(
+    n: int, size: int, rate: float, seed: int, types: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate ``n`` grey images (N,H,W,1 uint8) and labels.
+
+    Args:
+        n: number of images.
+        size: side length in pixels.
+        rate: fraction of images with a defect (at least one defective image per split).
+        seed: seed of the numpy Generator.
+        types: label defects by type (1=scratch, 2=spot, 3=crack) instead of 1=defect.
+
+    Returns:
+        The images and the integer labels (0 = ok).
+    """
+    rng = np.random.default_rng(seed)
+    n_defect = min(n, max(1, round(n * rate)))
+    defective = np.zeros(n, bool)
+    defective[rng.choice(n, n_defect, replace=False)] = True
+    images = np.empty((n, size, size, 1), np.uint8)
+    labels = np.zeros(n, np.int64)
+    for i in range(n):
+        img = _surface(rng, size)
+        if defective[i]:
+            k = int(rng.integers(len(DEFECT_TYPES)))
+            mask = _defect(rng, size, DEFECT_TYPES[k])
+            # Mostly darker than the surface, sometimes brighter; contrast varies widely.
+            contrast = rng.uniform(25, 70) * (1 if rng.random() < 0.25 else -1)
+            img = img + contrast * mask
+            labels[i] = k + 1 if types else 1
+        images[i, :, :, 0] = np.clip(img, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def _cached(
+    path: Path,
+    make: Callable[[], tuple[np.ndarray, np.ndarray]],
+    shape: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read the arrays cached at ``path``, or ``make`` them and cache them atomically.
+
+    A cache file that is damaged (truncated, not an npz, a bad CRC) or that holds arrays of
+    another shape is rebuilt rather than trusted.
+    """
+    if path.is_file():
+        try:
+            # Our own file handle: np.load leaks the one it opens when the zip is damaged.
+            with open(path, "rb") as fh, np.load(fh) as z:
+                images, labels = z["images"], z["labels"]
+            if images.shape == shape and images.dtype == np.uint8 and labels.shape == shape[:1]:
+                return images, labels.astype(np.int64)
+        # BadZipFile: a truncated npz; zlib.error: a damaged compressed member.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+            pass
+    images, labels = make()
+
+    def write(fh: io.BufferedWriter) -> None:
+        np.savez(fh, images=images, labels=labels)
+
+    atomic_write(path, write)
+    return images, labels
+
+
+@register_source(
+    "defects",
+    uses=("defect_rate", "defect_classes", "cache_dir", "augment"),
+    generates=True,
+)
+def build_defects(cfg: DataConfig) -> DataBundle:
+    """Build the embedded defects dataset (generated once, cached)."""
+    size = cfg.image_size or DEFAULTS["image_size"]
+    rate = cfg.defect_rate if cfg.defect_rate is not None else DEFAULTS["rate"]
+    types = (cfg.defect_classes or "binary") == "types"
+    sizes = {
+        "train": cfg.train_size or DEFAULTS["train"],
+        "val": cfg.val_size or DEFAULTS["val"],
+        "test": cfg.test_size or DEFAULTS["test"],
+    }
+    root = cache_root(cfg) / "defects"
+    splits = {}
+    for offset, (split, n) in enumerate(sizes.items()):
+        seed = cfg.split_seed * 1000 + offset
+        key = cache_key(GENERATOR_VERSION, n, size, rate, seed, types)
+        path = root / f"{split}-{key}.npz"
+        images, labels = _cached(
+            path,
+            lambda n=n, seed=seed: generate_defects(n, size, rate, seed, types),
+            (n, size, size, 1),
+        )
+        splits[split] = ArraySplit(images, labels, f"defects/{split}")
+    names = ["ok", *DEFECT_TYPES] if types else ["ok", "defect"]
+    mean, std = channel_stats(splits["train"].images.permute(0, 2, 3, 1).numpy())
+    return DataBundle(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        class_names=names,
+        in_channels=1,
+        image_size=size,
+        mean=mean,
+        std=std,
+    )
