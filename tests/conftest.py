@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Tiny models gain nothing from a second compute thread, and on a 2-core machine shared
+# with loader workers and child processes an OpenMP team of two stalls at every barrier.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from dataclasses import dataclass

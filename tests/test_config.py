@@ -106,3 +106,10 @@ def test_every_key_is_documented():
                 "train.early_stopping"}
     missing = [k for k in all_keys() if k not in sections and f"`{k}`" not in text]
     assert not missing
+
+
+def test_defects_yaml_is_the_no_argument_default():
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "defects.yaml")
+    assert shipped == build_config()

@@ -152,7 +152,7 @@ SCHEDULE_ARGS = {
     "cosine_restarts": ["schedule.t0=2", "schedule.min_lr=1e-4"],
     "onecycle": ["schedule.max_lr=0.01"],
     "warmup_cosine": ["schedule.warmup_epochs=1", "schedule.min_lr=1e-4"],
-    "plateau": ["schedule.patience=0", "schedule.factor=0.5", "optim.lr=1e-9"],
+    "plateau": ["schedule.patience=0", "schedule.factor=0.5", "optim.lr=1e-6", "model.norm=none"],
     "none": [],
 }
 

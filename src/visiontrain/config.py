@@ -82,7 +82,7 @@ class OptimConfig(_Section):
 
     name: str = "adamw"
     lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     momentum: float | None = Field(None, ge=0.0, lt=1.0)
     nesterov: bool | None = None
     betas: tuple[float, float] | None = None
@@ -93,7 +93,7 @@ class OptimConfig(_Section):
 class ScheduleConfig(_Section):
     """How the learning rate moves during training."""
 
-    name: str = "none"
+    name: str = "warmup_cosine"
     warmup_epochs: float | None = Field(None, ge=0.0)
     warmup_start_factor: float | None = Field(None, gt=0.0, le=1.0)
     min_lr: float | None = Field(None, ge=0.0)
@@ -117,7 +117,7 @@ class EarlyStoppingConfig(_Section):
 class TrainConfig(_Section):
     """The loop: length, precision, accumulation, clipping, seeding, monitoring."""
 
-    epochs: int = Field(10, ge=1, le=100_000)
+    epochs: int = Field(12, ge=1, le=100_000)
     precision: Literal["32", "bf16", "fp16"] = "32"
     accumulate: int = Field(1, ge=1, le=4096)
     grad_clip_norm: float | None = Field(None, gt=0.0)

@@ -32,7 +32,7 @@ from visiontrain.io import atomic_write
 
 GENERATOR_VERSION = 1
 DEFECT_TYPES = ("scratch", "spot", "crack")
-DEFAULTS = {"image_size": 64, "train": 2000, "val": 600, "test": 600, "rate": 0.05}
+DEFAULTS = {"image_size": 48, "train": 2000, "val": 600, "test": 600, "rate": 0.05}
 
 
 def _surface(rng: np.random.Generator, size: int) -> np.ndarray:

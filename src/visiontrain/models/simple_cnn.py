@@ -53,6 +53,13 @@ class SimpleCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, num_classes)
+        # He init suits the ReLU stack; PyTorch's default (uniform, a=sqrt(5)) starts the
+        # deeper stages with shrinking activations.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):  # noqa: D102
         x = self.pool(self.features(x)).flatten(1)
