@@ -160,13 +160,17 @@ class _WarmupCosine:
 
 @register_schedule("warmup_cosine", ("warmup_epochs", "warmup_start_factor", "min_lr"))
 def _warmup_cosine(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
-    warmup = round(_or(cfg.warmup_epochs, 1.0) * h.updates_per_epoch)
     total = max(1, h.total_updates)
-    if warmup >= total:
-        raise ConfigError(
-            f"schedule.warmup_epochs={cfg.warmup_epochs} covers the whole run "
-            f"({h.epochs} epochs); lower it or raise train.epochs."
-        )
+    if cfg.warmup_epochs is None:
+        # One epoch of warmup, but never more than a quarter of a short run.
+        warmup = min(h.updates_per_epoch, total // 4)
+    else:
+        warmup = round(cfg.warmup_epochs * h.updates_per_epoch)
+        if warmup >= total:
+            raise ConfigError(
+                f"schedule.warmup_epochs={cfg.warmup_epochs} covers the whole run "
+                f"({h.epochs} epochs); lower it or raise train.epochs."
+            )
     fn = _WarmupCosine(
         warmup, total, _or(cfg.warmup_start_factor, 0.01), _or(cfg.min_lr, 0.0) / o.lr
     )
