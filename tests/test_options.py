@@ -48,6 +48,8 @@ def test_every_precision_trains(cli, tmp_path, precision):
         ["train.grad_clip_norm=0.5"],
         ["train.grad_clip_value=0.01"],
         ["train.channels_last=true"],
+        ["train.progress=bar"],
+        ["train.progress=plain", "train.eval_every=2", "train.epochs=3"],
         ["loss.name=bce_with_logits", "loss.label_smoothing=0.1"],
         ["loss.label_smoothing=0.1", "loss.class_weights=balanced"],
         ["model.norm=layer", "model.init=xavier"],

@@ -107,6 +107,9 @@ def test_tensorboard_scalars_read_back(tiny_run):
     tb_losses = [e.value for e in acc.Scalars("val/loss")]
     assert tb_losses == pytest.approx(val_losses, rel=1e-6)
     assert "config" in "".join(acc.Tags()["tensors"])
+    # The LR in force is logged at every optimizer update, not only at log intervals.
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert [e.step for e in acc.Scalars("train/lr")] == list(range(1, summary["global_step"] + 1))
 
 
 def test_last_printed_line_is_the_run_directory(cli, tmp_path):

@@ -47,7 +47,13 @@ class TensorBoardLogger(Callback):
         text = trainer.cfg.to_yaml().replace("\n", "\n    ")
         self.writer.add_text("config", "    " + text, trainer.global_step)
 
+    def on_update(self, trainer: Trainer) -> None:  # noqa: D102
+        # The LR in force at every update (a host float: no device sync).
+        self.writer.add_scalar("train/lr", trainer.last_lr, trainer.global_step)
+
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:  # noqa: D102
+        if record.get("split") == "train":
+            record = {k: v for k, v in record.items() if k != "lr"}  # logged per update
         if record.get("kind") == "train_epoch":
             prefix = {"train/loss": "train/epoch_loss"}
             values = {prefix.get(k, k): v for k, v in scalars(record).items()}
