@@ -39,6 +39,14 @@ class Interrupted(Exception):  # noqa: N818 - it is a stop request, not an error
         self.exit_code = signum_exit
 
 
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """`` — did you mean `x`?`` for the closest of ``choices``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
 def clean_message(exc: BaseException) -> str:
     """Return the user-facing message of an error, even when a loader worker re-raised it.
 

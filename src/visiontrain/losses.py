@@ -6,14 +6,13 @@ Only what torch lacks is written here; cross entropy and BCE are torch's own, co
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from visiontrain.config import LossConfig
-from visiontrain.errors import ConfigError
+from visiontrain.errors import ConfigError, did_you_mean
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossBuilder = Callable[[LossConfig, int, "torch.Tensor | None"], LossFn]
@@ -40,8 +39,7 @@ def build_loss(
     entry = _LOSSES.get(cfg.name)
     names = sorted(n for n, (_, t) in _LOSSES.items() if task in t)
     if entry is None:
-        close = difflib.get_close_matches(cfg.name, names, n=1)
-        tip = f" — did you mean `{close[0]}`?" if close else ""
+        tip = did_you_mean(cfg.name, names)
         raise ConfigError(
             f"unknown loss `loss.name={cfg.name}`{tip} For task {task}: {', '.join(names)}."
         )

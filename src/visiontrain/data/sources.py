@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from visiontrain.config import DataConfig, refuse_unused
-from visiontrain.errors import ConfigError, DataError
+from visiontrain.errors import ConfigError, DataError, did_you_mean
 
 
 class Split:
@@ -163,10 +163,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
     _import_builtin_sources()
     entry = _SOURCES.get(cfg.name)
     if entry is None:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.name, list(_SOURCES), n=1)
-        tip = f" — did you mean `{close[0]}`?" if close else ""
+        tip = did_you_mean(cfg.name, list(_SOURCES))
         raise ConfigError(
             f"unknown data source `data.name={cfg.name}`{tip} Known: {', '.join(sorted(_SOURCES))}."
         )

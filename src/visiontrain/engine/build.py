@@ -28,7 +28,7 @@ from visiontrain.engine.schedules import Horizon, build_schedule
 from visiontrain.engine.seed import seed_everything, set_deterministic
 from visiontrain.engine.signals import StopFlag
 from visiontrain.engine.trainer import Loaders, Trainer
-from visiontrain.errors import ConfigError, UserError
+from visiontrain.errors import ConfigError, UserError, did_you_mean
 from visiontrain.io import atomic_write_json, atomic_write_text
 from visiontrain.models import create_model
 from visiontrain.models.init import init_weights
@@ -141,10 +141,7 @@ def check_monitor(cfg: Config, task: Task) -> None:
     """Refuse a ``train.monitor`` the task cannot compute, before any training."""
     names = task.metric_names()
     if cfg.train.monitor not in names:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.train.monitor, names, n=1)
-        tip = f" — did you mean `{close[0]}`?" if close else ""
+        tip = did_you_mean(cfg.train.monitor, names)
         raise ConfigError(
             f"train.monitor={cfg.train.monitor} is not a validation metric{tip} "
             f"Choose one of: {', '.join(names)}."

@@ -8,13 +8,12 @@ silently ignored.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from visiontrain.errors import ConfigError
+from visiontrain.errors import ConfigError, did_you_mean
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
@@ -161,8 +160,7 @@ def create_model(
         return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **opts)
     resolved = _external(name)
     if resolved is None:
-        close = difflib.get_close_matches(name, list(_MODELS), n=1)
-        tip = f" — did you mean `{close[0]}`?" if close else ""
+        tip = did_you_mean(name, list(_MODELS))
         raise ConfigError(
             f"unknown model `model.name={name}`{tip} Use a built-in "
             f"({', '.join(sorted(_MODELS))}), a timm name (e.g. resnet18, "

@@ -7,7 +7,6 @@ dict once per evaluation.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
-from visiontrain.errors import ConfigError
+from visiontrain.errors import ConfigError, did_you_mean
 
 
 class Task:
@@ -79,8 +78,7 @@ def build_task(cfg: Config, bundle: DataBundle, device: torch.device) -> Task:
 
     factory = _TASKS.get(cfg.task)
     if factory is None:
-        close = difflib.get_close_matches(cfg.task, list(_TASKS), n=1)
-        tip = f" — did you mean `{close[0]}`?" if close else ""
+        tip = did_you_mean(cfg.task, list(_TASKS))
         raise ConfigError(
             f"unknown task `task={cfg.task}`{tip} Known: {', '.join(sorted(_TASKS))}."
         )
