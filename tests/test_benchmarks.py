@@ -40,7 +40,9 @@ def test_overhead_quick_runs_and_prints_a_ratio(tmp_path: Path, extra: list[str]
     assert any(line.startswith("raw ") for line in lines), proc.stdout
     assert any(line.startswith("trainer ") for line in lines), proc.stdout
     assert "round 1/1" in proc.stdout
-    assert not any(tmp_path.iterdir()), "the benchmark left files behind"
+    # torch may leave its own cache folder (torchinductor_*) in TMPDIR; the benchmark's
+    # run directories and data cache live under a vt-bench-* folder that must be gone.
+    assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
 
 
 def test_overhead_refuses_a_bad_flag() -> None:
