@@ -217,7 +217,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return (
         f"invalid config ({source}): "
         + "; ".join(unique)
-        + ". Fix the key in the YAML file or pass it as key=value "
+        + ("" if unique[-1].endswith("?") else ".")
+        + " Fix the key in the YAML file or pass it as key=value "
         "(see `visiontrain train --help` and configs/)."
     )
 
