@@ -113,6 +113,7 @@ class Settings:
     raw_loader: str
     threads: int | None
     profile: Path | None
+    drop: tuple[str, ...]
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -155,6 +156,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="after timing, cProfile --rounds more epochs of each contender; print the "
         "top functions and write DIR/raw.prof and DIR/trainer.prof",
     )
+    p.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        choices=("jsonl", "tensorboard", "progress"),
+        help="remove this callback from the Trainer (repeatable): to attribute the "
+        "overhead only; the target setting keeps them all",
+    )
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
@@ -170,6 +179,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         raw_loader=args.raw_loader,
         threads=args.threads,
         profile=args.profile,
+        drop=tuple(args.drop),
         **sizes,
     )
 
@@ -372,7 +382,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(s: Settings, tmp: Path) -> dict[str, list[float]]:
+def measure(s: Settings, tmp: Path) -> dict[str, Samples]:
     """Build both contenders, warm up, and time alternating rounds."""
     with open(os.devnull, "w") as sink:
         # force_terminal: the bar is drawn (to /dev/null) as it would be on a terminal.
@@ -387,6 +397,12 @@ def measure(s: Settings, tmp: Path) -> dict[str, list[float]]:
         if s.threads is not None:
             torch.set_num_threads(s.threads)
         print(f"torch intra-op threads (both contenders): {torch.get_num_threads()}", flush=True)
+        if s.drop:
+            for cb in trainer.callbacks:
+                if cb.name in s.drop:
+                    cb.close()  # its file and any writer thread go too
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb.name not in s.drop]
+            print(f"callbacks dropped from the Trainer: {', '.join(s.drop)}", flush=True)
         side = TrainerSide(trainer)
         try:
             return alternate(s, side, raw_contender(s, trainer))
