@@ -25,9 +25,10 @@ What is timed
     epoch log records). Excluded from both: imports, data generation, building the model,
     optimizer, loaders and run directory, and the per-epoch work that ``fit`` does after
     ``train_epoch`` (validation, checkpoint files). The progress bar is started just
-    before each timed Trainer epoch and stopped just after, so that its refresh thread
-    runs only while the Trainer is being timed. With ``--progress bar`` the bar renders
-    to ``/dev/null`` as if to a terminal (``force_terminal``), so its drawing is paid.
+    before each timed Trainer epoch and stopped just after, so that whatever it runs
+    (a refresh thread, in rich's default mode) runs only while the Trainer is timed.
+    With ``--progress bar`` the bar renders to ``/dev/null`` as if to a terminal
+    (``force_terminal``), so its drawing is paid.
 
 Method
     Setup once, then a warm-up epoch of each contender (oneDNN primitive caches, the
@@ -43,7 +44,8 @@ Method
     ``build_trainer`` sets torch's thread count for the run (``OMP_NUM_THREADS`` if set,
     else the cores left free by loader workers); ``--threads N`` overrides it after the
     build, for both contenders. ``--profile DIR`` runs cProfile over extra epochs after
-    the timed rounds (never during them).
+    the timed rounds (never during them). ``--drop NAME`` removes one of the Trainer's
+    loggers, to attribute the overhead; the target setting keeps them all.
 
 Run ``python benchmarks/overhead.py --help`` for the options; ``--quick`` is a
 seconds-long smoke run (tiny sizes, one round) used by the test suite.
