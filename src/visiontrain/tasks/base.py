@@ -21,7 +21,6 @@ class Task:
     """Base class: loss for training, metric state for evaluation."""
 
     name = "task"
-    default_monitor_mode = {"loss": "min"}
 
     def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
         self.cfg, self.bundle, self.device = cfg, bundle, device
@@ -83,10 +82,3 @@ def build_task(cfg: Config, bundle: DataBundle, device: torch.device) -> Task:
             f"unknown task `task={cfg.task}`{tip} Known: {', '.join(sorted(_TASKS))}."
         )
     return factory(cfg, bundle, device)
-
-
-def known_tasks() -> list[str]:
-    """Registered task names."""
-    from visiontrain.tasks import classification  # noqa: F401
-
-    return sorted(_TASKS)
