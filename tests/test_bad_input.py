@@ -24,12 +24,21 @@ def _no_run_written(root):
         ("train.monitor=val/acc", "train.monitor=val/acc is not a validation metric"),
         ("optim.momentum=0.9", "`optim.momentum` set, but optimizer adamw does not use it"),
         ("model.drop_path=0.1", "simple_cnn has none"),
-        ("loss.class_weights=[1,2,3]", "has 3 weights but the data has 2 classes"),
+        ("loss.class_weights=[1,2,3]", "has 3 values but the task has 2 classes"),
         ("data.root=/tmp", "`data.root` set, but data source defects does not use it"),
+        ("loss.name=focal loss.focal_alpha=[1,2,3]", "`loss.focal_alpha` has 3"),
+        ("task=regression loss.class_weights=balanced", "task regression has none"),
+        ("task=regression data.sampler=weighted", "task regression has no classes"),
+        ("task=regression loss.name=focal", "does not apply to task regression"),
+        ("data.defect_classes=types train.threshold=best_f1", "applies to binary"),
+        ("data.epoch_samples=100", "data.sampler=weighted"),
+        ("loss.effective_beta=0.9", "only applies with loss.class_weights=effective"),
+        ("task=regresion", "did you mean `regression`"),
+        ("data.name=digits task=regression", "has no targets for task regression"),
     ],
 )
 def test_bad_config_exits_2(cli, tmp_path, override, expected):
-    res = cli("train", *TINY, override, f"run.dir={tmp_path / 'runs'}")
+    res = cli("train", *TINY, *override.split(), f"run.dir={tmp_path / 'runs'}")
     assert res.code == 2
     assert expected in res.err
     assert "Traceback" not in res.err

@@ -102,8 +102,16 @@ def test_every_key_is_documented():
     from pathlib import Path
 
     text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
-    sections = {"data", "model", "loss", "optim", "schedule", "train", "run",
-                "train.early_stopping"}
+    sections = {
+        "data",
+        "model",
+        "loss",
+        "optim",
+        "schedule",
+        "train",
+        "run",
+        "train.early_stopping",
+    }
     missing = [k for k in all_keys() if k not in sections and f"`{k}`" not in text]
     assert not missing
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -41,20 +43,35 @@ def _split_config(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def per_class_table(metrics: dict, title: str) -> Table:
-    """A rich table of per-class precision, recall, F1 and support."""
-    table = Table(title=title)
-    for col in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for name, row in metrics.get("per_class", {}).items():
-        table.add_row(
-            name,
-            f"{row['precision']:.3f}",
-            f"{row['recall']:.3f}",
-            f"{row['f1']:.3f}",
-            str(row["support"]),
-        )
-    return table
+# Headline metrics in the order a reader looks for them.
+HEADLINE = ("loss", "accuracy", "macro_f1", "average_precision", "threshold", "mae", "rmse", "r2")
+
+
+def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
+    """Rich tables of one split's metrics: per class (P/R/F1/support) or per target."""
+    title = f"{split}: " + "  ".join(
+        f"{key.replace('_', ' ')} {metrics[key]:.4f}"
+        for key in HEADLINE
+        if isinstance(metrics.get(key), int | float)
+    )
+    title += f"  ({metrics.get('samples', 0)} images)"
+    groups = [
+        ("per_class", "class", ("precision", "recall", "f1", "support")),
+        ("per_target", "target", ("mae", "rmse", "r2", "bias")),
+    ]
+    tables = []
+    for key, label, columns in groups:
+        rows = metrics.get(key)
+        if not rows:
+            continue
+        table = Table(title=title)
+        for col in (label, *columns):
+            table.add_column(col, justify="left" if col == label else "right")
+        for name, row in rows.items():
+            cells = [str(row[c]) if isinstance(row[c], int) else f"{row[c]:.3f}" for c in columns]
+            table.add_row(name, *cells)
+        tables.append(table)
+    return tables
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -79,12 +96,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                 cb.close()
         summary = write_summary(trainer, time.perf_counter() - start)
     for split in ("val", "test"):
-        metrics = summary["metrics"].get(split)
-        if metrics and metrics.get("per_class"):
-            title = (
-                f"{split}: accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}"
-            )
-            console.print(per_class_table(metrics, title))
+        for table in metric_tables(summary["metrics"].get(split) or {}, split):
+            console.print(table)
     if summary["skipped_files"]["count"]:
         console.print(
             f"skipped {summary['skipped_files']['count']} unreadable files "
@@ -105,17 +118,20 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
     loaded = load_trained(args.target, args.overrides)
     cfg = loaded.cfg
-    bundle = build_data(cfg.data)
-    if bundle.class_names != loaded.class_names:
+    bundle = build_data(cfg.data, cfg.task)
+    if (bundle.class_names, bundle.target_names) != (loaded.class_names, loaded.target_names):
+        have = bundle.class_names or bundle.target_names
+        want = loaded.class_names or loaded.target_names
         raise UserError(
-            f"the data's classes {bundle.class_names} differ from the checkpoint's "
-            f"{loaded.class_names}; evaluate on data with the same classes."
+            f"the data's classes or targets {have} differ from the checkpoint's {want}; "
+            "evaluate on data with the same classes."
         )
     split = getattr(bundle, args.split)
     if split is None:
         raise UserError(f"data source {cfg.data.name} has no {args.split} split.")
     loader = build_loaders(cfg, bundle, loaded.device).__dict__[args.split]
     task = build_task(cfg, bundle, loaded.device)
+    task.load_state_dict(loaded.state.get("task_state") or {})
     precision = Precision(cfg.train.precision, loaded.device)
     import torch
 
@@ -132,11 +148,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     if args.format == "json":
         print(json.dumps(metrics, indent=2))
     else:
-        title = (
-            f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['samples']} images)"
-        )
-        console.print(per_class_table(metrics, title))
+        for table in metric_tables(metrics, args.split):
+            console.print(table)
     return EXIT_OK
 
 
@@ -157,34 +170,28 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if not paths:
         raise UserError("no images found in the given paths.")
     loaded = load_trained(args.target)
-    probs = predict_files(loaded, paths)
-    k = min(args.top_k, len(loaded.class_names))
-    top_p, top_i = probs.topk(k, dim=1)
-    rows = [
-        {
-            "file": str(path),
-            "prediction": loaded.class_names[int(top_i[n, 0])],
-            "probability": round(float(top_p[n, 0]), 6),
-            "top": [
-                {"class": loaded.class_names[int(i)], "probability": round(float(p), 6)}
-                for p, i in zip(top_p[n], top_i[n], strict=True)
-            ],
-        }
-        for n, path in enumerate(paths)
-    ]
+    rows = predict_files(loaded, paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
-    elif args.format == "csv":
-        print("file,prediction,probability")
-        for r in rows:
-            print(f"{r['file']},{r['prediction']},{r['probability']}")
+        return EXIT_OK
+    # Flat columns only: the ranked alternatives ("top") are in the JSON output.
+    columns = [c for c in rows[0] if c != "top"]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([r[c] for c in columns] for r in rows)
     else:
         table = Table()
-        for col in ("file", "prediction", "probability"):
-            table.add_column(col)
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("file", "prediction") else "right")
         for r in rows:
-            table.add_row(r["file"], r["prediction"], f"{r['probability']:.4f}")
+            table.add_row(
+                *(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
+            )
         console.print(table)
+    threshold = (loaded.state.get("task_state") or {}).get("threshold")
+    if threshold is not None and args.format == "table":
+        console.print(f"decision threshold {threshold:.4g} (chosen at training)", highlight=False)
     return EXIT_OK
 
 
@@ -233,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.set_defaults(func=cmd_predict)
+    from visiontrain.compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

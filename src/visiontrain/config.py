@@ -10,12 +10,20 @@ component refuses them when it cannot honour them (see :func:`refuse_unused`).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from visiontrain.errors import ConfigError
 
@@ -40,6 +48,8 @@ class DataConfig(_Section):
     val_split: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    sampler: Literal["random", "weighted"] = "random"
+    epoch_samples: int | None = Field(None, ge=1)
     download: bool = False
     cache_dir: str | None = None
     train_size: int | None = Field(None, ge=1)
@@ -63,18 +73,46 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The training objective."""
+    """The training objective; ``name`` defaults to the task's usual loss."""
 
-    name: str = "cross_entropy"
+    name: str | None = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    class_weights: Literal["none", "balanced", "effective"] | list[float] = "none"
+    effective_beta: float | None = Field(None, gt=0.0, lt=1.0)
+    focal_gamma: float | None = Field(None, ge=0.0, le=10.0)
+    focal_alpha: float | list[float] | None = None
+    pos_weight: Literal["balanced"] | float | list[float] | None = None
+    beta: float | None = Field(None, gt=0.0)
+    delta: float | None = Field(None, gt=0.0)
+    dice_weight: float | None = Field(None, ge=0.0)
+    ce_weight: float | None = Field(None, ge=0.0)
 
-    @field_validator("class_weights")
+    @field_validator("class_weights", "pos_weight")
     @classmethod
     def _positive_weights(cls, value: Any) -> Any:
         if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
             raise ValueError("an explicit list needs one positive weight per class")
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("a weight must be positive")
         return value
+
+    @field_validator("focal_alpha")
+    @classmethod
+    def _alpha_range(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError("a scalar alpha is the foreground weight, between 0 and 1")
+        if isinstance(value, list) and (not value or any(w < 0 for w in value)):
+            raise ValueError("an alpha list needs one non-negative weight per class")
+        return value
+
+
+# The loss a task trains with when `loss.name` is not set.
+DEFAULT_LOSS = {
+    "classification": "cross_entropy",
+    "regression": "mse",
+    "segmentation": "dice_ce",
+    "detection": "detector",
+}
 
 
 class OptimConfig(_Section):
@@ -127,17 +165,35 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     monitor: str = "val/loss"
+    threshold: float | str = 0.5
     monitor_mode: Literal["auto", "min", "max"] = "auto"
     eval_every: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_rule(cls, value: Any) -> Any:
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            if not 0.0 < value < 1.0:
+                raise ValueError("a fixed threshold lies strictly between 0 and 1")
+            return float(value)
+        if value == "best_f1" or THRESHOLD_TARGET.fullmatch(str(value)):
+            return value
+        raise ValueError(
+            "use a number in (0, 1), best_f1, or a target such as recall>=0.9 or precision>=0.95"
+        )
+
     @field_validator("precision", mode="before")
     @classmethod
     def _precision_as_text(cls, value: Any) -> Any:
         # YAML reads `precision: 32` as an int; the key is a name, so accept both.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# `recall>=0.9`: the highest threshold that keeps val recall at or above 0.9.
+THRESHOLD_TARGET = re.compile(r"(recall|precision)>=(0?\.\d+|1(\.0*)?)")
 
 
 class RunConfig(_Section):
@@ -161,6 +217,12 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _task_default_loss(self) -> Config:
+        if self.loss.name is None:
+            self.loss.name = DEFAULT_LOSS.get(self.task, "cross_entropy")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every key, defaults included."""
@@ -339,7 +401,8 @@ def _optional_fields(model: type[BaseModel]) -> set[str]:
 
 
 _OPTIONAL_FIELDS: dict[type[BaseModel], set[str]] = {
-    m: _optional_fields(m) for m in (DataConfig, ModelConfig, OptimConfig, ScheduleConfig)
+    m: _optional_fields(m)
+    for m in (DataConfig, ModelConfig, LossConfig, OptimConfig, ScheduleConfig)
 }
 
 

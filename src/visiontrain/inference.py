@@ -37,6 +37,7 @@ class Loaded:
     model: nn.Module
     state: dict[str, Any]
     class_names: list[str]
+    target_names: list[str]
     normalizer: Normalizer
     image_size: int
     in_channels: int
@@ -51,6 +52,7 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
         cfg = build_config(state["config"], overrides or [], source=f"config inside {path}")
         data = state["data"]
         names = list(data["class_names"])
+        targets = list(data.get("target_names", []))
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} lacks its data description ({exc}).") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +61,7 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
         val=None,
         test=None,
         class_names=names,  # type: ignore[arg-type]
+        target_names=targets,
         in_channels=data["in_channels"],
         image_size=data["image_size"],
         mean=tuple(data["mean"]),
@@ -79,6 +82,7 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
         model,
         state,
         names,
+        targets,
         Normalizer(shell.mean, shell.std).to(device),
         data["image_size"],
         data["in_channels"],
@@ -87,14 +91,27 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
 
 
 @torch.inference_mode()
-def predict_files(loaded: Loaded, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities for image files, preprocessed as at evaluation."""
+def predict_outputs(loaded: Loaded, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
+    """Raw model outputs for image files, preprocessed as at evaluation."""
     transform = build_transform("none", loaded.image_size, loaded.in_channels, False, False)
-    probs = []
+    outputs = []
     for i in range(0, len(paths), batch_size):
         images = [decode_file(p, loaded.in_channels) for p in paths[i : i + batch_size]]
         if transform is not None:
             images = [transform(im) for im in images]
         x = loaded.normalizer(torch.stack(images).to(loaded.device))
-        probs.append(torch.softmax(loaded.model(x).float(), dim=1).cpu())
-    return torch.cat(probs) if probs else torch.empty(0, len(loaded.class_names))
+        outputs.append(loaded.model(x).float().cpu())
+    return torch.cat(outputs)
+
+
+def predict_files(loaded: Loaded, paths: list[Path], top_k: int = 1) -> list[dict[str, Any]]:
+    """One row per image: its file and the task's prediction (with the saved threshold)."""
+    from visiontrain.tasks.base import task_class
+
+    if not paths:
+        return []
+    outputs = predict_outputs(loaded, paths)
+    task_state = loaded.state.get("task_state") or {}
+    names = loaded.target_names or loaded.class_names
+    rows = task_class(loaded.cfg.task).predictions(outputs, task_state, names, top_k)
+    return [{"file": str(p), **row} for p, row in zip(paths, rows, strict=True)]

@@ -72,7 +72,7 @@ def _bundle(
 
 
 @register_source("digits", uses=("augment",))
-def build_digits(cfg: DataConfig) -> DataBundle:
+def build_digits(cfg: DataConfig, task: str) -> DataBundle:
     """scikit-learn's 1,797 handwritten 8x8 digits, upsampled, stratified 64/16/20 split."""
     from sklearn.datasets import load_digits
 
@@ -173,7 +173,7 @@ def _read_mnist_pair(img: Path, lbl: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_source("mnist", uses=("root", "augment"))
-def build_mnist(cfg: DataConfig) -> DataBundle:
+def build_mnist(cfg: DataConfig, task: str) -> DataBundle:
     """MNIST from ``root/MNIST/raw`` (torchvision's layout) or ``root`` itself."""
     root = _require_root(cfg)
     if cfg.download:
@@ -295,7 +295,7 @@ def _read_cifar_split(
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _build_cifar(cfg: DataConfig) -> DataBundle:
+def _build_cifar(cfg: DataConfig, task: str) -> DataBundle:
     folder_name, train_files, test_files, meta_name, names_key, label_key = _CIFAR[cfg.name]
     root = _require_root(cfg)
     if cfg.download:

@@ -1,14 +1,25 @@
-"""``imagefolder``: ``root/train/<class>/*.png|jpg|...`` with optional val/ and test/."""
+"""``imagefolder``: ``root/train/<class>/*.png|jpg|...`` with optional val/ and test/.
+
+For ``task=regression`` the targets come from a ``labels.csv`` instead of class folders:
+``root/train/labels.csv`` (and optionally ``val/``, ``test/``) or a single
+``root/labels.csv``, each row ``filename,target[,target2...]`` with file names relative
+to the CSV's folder. A header row (first cell ``filename``) names the targets.
+"""
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
+
+import numpy as np
 
 from visiontrain.config import DataConfig
 from visiontrain.data.images import IMAGE_EXTENSIONS
 from visiontrain.data.sources import (
     DataBundle,
     FileSplit,
+    Split,
     SubsetSplit,
     register_source,
     stratified_split,
@@ -63,8 +74,113 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
     return paths, labels, names
 
 
-@register_source("imagefolder", uses=("root", "val_split", "on_error", "augment"))
-def build_imagefolder(cfg: DataConfig) -> DataBundle:
+def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Read ``filename,target[,target2...]`` rows; every problem names the file and line.
+
+    File names must stay inside the CSV's folder: a row cannot make the loader read
+    ``../../etc/passwd`` or an absolute path.
+    """
+    folder = path.parent.resolve()
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [
+                (n, row) for n, row in enumerate(csv.reader(fh), 1) if any(c.strip() for c in row)
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if not rows:
+        raise DataError(f"{path} is empty; write one row per image: filename,target[,target2...]")
+    names: list[str] | None = None
+    if rows[0][1][0].strip().lower() in ("filename", "file", "path", "image"):
+        names = [c.strip() for c in rows[0][1][1:]]
+        rows = rows[1:]
+    width = len(names) if names is not None else len(rows[0][1]) - 1 if rows else 0
+    if width < 1:
+        raise DataError(f"{path}: each row needs a file name and at least one target value.")
+    names = names or ["target"] + [f"target{i}" for i in range(2, width + 1)]
+    paths: list[Path] = []
+    values: list[list[float]] = []
+    for line, row in rows:
+        if len(row) != width + 1:
+            raise DataError(
+                f"{path} line {line}: {len(row)} columns, expected {width + 1} "
+                f"(filename,{','.join(names)})."
+            )
+        file = (folder / row[0].strip()).resolve()
+        if not file.is_relative_to(folder):
+            raise DataError(
+                f"{path} line {line}: file name {row[0]!r} points outside {folder}. Use paths "
+                "relative to the CSV's folder, without '..' or absolute paths."
+            )
+        if not file.is_file():
+            raise DataError(f"{path} line {line}: image {file} does not exist.")
+        try:
+            vals = [float(c) for c in row[1:]]
+        except ValueError:
+            raise DataError(f"{path} line {line}: targets {row[1:]} are not all numbers.") from None
+        if not all(math.isfinite(v) for v in vals):
+            raise DataError(f"{path} line {line}: target values must be finite, got {row[1:]}.")
+        paths.append(file)
+        values.append(vals)
+    if not paths:
+        raise DataError(f"{path} has a header but no rows.")
+    return paths, np.asarray(values, dtype=np.float32), names
+
+
+def _build_regression(cfg: DataConfig, root: Path) -> DataBundle:
+    """Splits from labels.csv files (per split folder, or one at the root)."""
+    per_split = (root / "train" / "labels.csv").is_file()
+    first = root / "train" / "labels.csv" if per_split else root / "labels.csv"
+    if not first.is_file():
+        raise DataError(
+            f"task=regression with data.name=imagefolder needs {root}/train/labels.csv (or "
+            f"{root}/labels.csv): rows of filename,target[,target2...]."
+        )
+    paths, values, names = read_labels_csv(first)
+    train: Split = FileSplit(paths, values, channels=3)
+    notes = []
+    val_csv = root / "val" / "labels.csv"
+    if per_split and val_csv.is_file():
+        val: Split = _csv_split(val_csv, names)
+    else:
+        order = np.random.default_rng(cfg.split_seed).permutation(len(train))
+        n_val = min(max(round(len(train) * cfg.val_split), 1), len(train) - 1)
+        val = SubsetSplit(train, np.sort(order[:n_val]))
+        train = SubsetSplit(train, np.sort(order[n_val:]))
+        notes.append(f"no val/labels.csv: held out {n_val} training images (data.val_split)")
+    test_csv = root / "test" / "labels.csv"
+    test = _csv_split(test_csv, names) if per_split and test_csv.is_file() else None
+    return DataBundle(
+        train=train,
+        val=val,
+        test=test,
+        class_names=[],
+        target_names=names,
+        in_channels=3,
+        image_size=cfg.image_size or 224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        same_size=False,
+        notes=notes,
+    )
+
+
+def _csv_split(path: Path, names: list[str]) -> FileSplit:
+    paths, values, own = read_labels_csv(path)
+    if own != names:
+        raise DataError(
+            f"{path} has targets {own} but train's labels.csv has {names}; every split "
+            "must list the same targets in the same order."
+        )
+    return FileSplit(paths, values, channels=3)
+
+
+@register_source(
+    "imagefolder",
+    uses=("root", "val_split", "on_error", "augment"),
+    tasks=("classification", "regression"),
+)
+def build_imagefolder(cfg: DataConfig, task: str) -> DataBundle:
     """Build splits from a folder tree; val is split off train when root/val is absent."""
     if cfg.root is None:
         raise DataError(
@@ -72,6 +188,8 @@ def build_imagefolder(cfg: DataConfig) -> DataBundle:
             "(and optionally val/ and test/). Pass data.root=PATH."
         )
     root = Path(cfg.root).expanduser()
+    if task == "regression":
+        return _build_regression(cfg, root)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(

@@ -11,20 +11,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontrain.config import DataConfig
-from visiontrain.data.sources import DataBundle, Split
+from visiontrain.data.sources import DataBundle, Split, Target
 from visiontrain.data.transforms import Transform, build_transform
 from visiontrain.engine.seed import sample_seed, worker_init
-from visiontrain.errors import DataError, clean_message
+from visiontrain.errors import ConfigError, DataError, clean_message
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)``; the order is seeded by (seed, epoch), resumable.
 
     Sharded by ``rank``/``world_size`` without padding, so that every sample is seen once.
+    With ``weights`` it draws ``num_samples`` indices per epoch with replacement, each with
+    probability proportional to its weight (a resumable ``WeightedRandomSampler``).
     """
 
     def __init__(
@@ -36,9 +39,13 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        weights: torch.Tensor | None = None,
+        num_samples: int | None = None,
     ) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.weights = None if weights is None else weights.double()
+        self.num_samples = num_samples if num_samples is not None else n
         self.epoch = 0
         self.start_batch = 0
 
@@ -47,15 +54,20 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        if self.weights is not None:
+            order = torch.multinomial(
+                self.weights, self.num_samples, replacement=True, generator=g
+            ).tolist()
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        per_rank = len(range(self.rank, self.n, self.world_size))
+        total = self.num_samples if self.weights is not None else self.n
+        per_rank = len(range(self.rank, total, self.world_size))
         if self.drop_last:
             return per_rank // self.batch_size
         return -(-per_rank // self.batch_size)
@@ -84,7 +96,7 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | Skipped:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, Target] | Skipped:
         epoch, index = key
         try:
             image, target = self.split.load(index)
@@ -101,14 +113,20 @@ class AugmentedDataset(Dataset):
         return image, target
 
 
-def collate(items: list[tuple[torch.Tensor, int] | Skipped]) -> dict[str, object]:
-    """Stack uint8 images and labels; skipped samples are reported, not stacked."""
+def collate(items: list[tuple[torch.Tensor, Target] | Skipped]) -> dict[str, object]:
+    """Stack uint8 images and targets; skipped samples are reported, not stacked.
+
+    Class indices become an int64 vector, regression rows a float32 (N, T) matrix.
+    """
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [it.name for it in items if isinstance(it, Skipped)]
     if not good:
         return {"image": None, "target": None, "skipped": skipped}
     images = torch.stack([it[0] for it in good])
-    targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    if isinstance(good[0][1], int):
+        targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    else:
+        targets = torch.from_numpy(np.stack([it[1] for it in good]).astype(np.float32))
     return {"image": images, "target": targets, "skipped": skipped}
 
 
@@ -138,6 +156,30 @@ class EpochLoader(DataLoader):
             raise
 
 
+def sample_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Per-sample draw weights of the weighted sampler: inverse class frequency.
+
+    Every class is then drawn equally often in expectation, whatever its size.
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.from_numpy(1.0 / counts.clip(min=1)[labels])
+
+
+def check_sampler(cfg: DataConfig, task: str) -> None:
+    """Refuse sampler options that the task or the sampler cannot honour."""
+    if cfg.sampler == "weighted" and task != "classification":
+        raise ConfigError(
+            f"data.sampler=weighted draws by class frequency; task {task} has no classes. "
+            "Use data.sampler=random."
+        )
+    if cfg.epoch_samples is not None and cfg.sampler != "weighted":
+        raise ConfigError(
+            "data.epoch_samples sets the length of a weighted sampler's epoch; with "
+            "data.sampler=random an epoch is the training set. Remove data.epoch_samples "
+            "or set data.sampler=weighted."
+        )
+
+
 def build_loader(
     split: Split,
     bundle: DataBundle,
@@ -154,14 +196,22 @@ def build_loader(
         cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, train
     )
     dataset = AugmentedDataset(split, transform, seed, cfg.on_error)
+    weights = (
+        sample_weights(split.labels, bundle.num_classes)
+        if train and cfg.sampler == "weighted"
+        else None
+    )
+    num_samples = (cfg.epoch_samples or len(split)) if weights is not None else len(split)
     sampler = EpochBatchSampler(
         len(split),
         cfg.batch_size,
         shuffle=train,
-        drop_last=train and cfg.drop_last and len(split) >= cfg.batch_size,
+        drop_last=train and cfg.drop_last and num_samples >= cfg.batch_size,
         seed=seed,
         rank=rank,
         world_size=world_size,
+        weights=weights,
+        num_samples=num_samples,
     )
     workers = cfg.num_workers
     return EpochLoader(

@@ -1,8 +1,9 @@
 """The data-source registry and the two storage shapes every source reduces to.
 
 A source turns ``data.*`` config into a :class:`DataBundle`: train/val/test splits that
-each return ``(uint8 CHW tensor, label)`` for an index, plus class names and the
-normalisation statistics. Images stay uint8 until they reach the device.
+each return ``(uint8 CHW tensor, target)`` for an index, plus class (or target) names and
+the normalisation statistics. A target is a class index for classification and a float32
+vector for regression. Images stay uint8 until they reach the device.
 """
 
 from __future__ import annotations
@@ -19,17 +20,32 @@ import torch
 from visiontrain.config import DataConfig, refuse_unused
 from visiontrain.errors import ConfigError, DataError, did_you_mean
 
+Target = int | np.ndarray
+
+
+def target_at(labels: np.ndarray, index: int) -> Target:
+    """The target of sample ``index``: an int class index, or a float32 row for regression."""
+    if labels.ndim == 1:
+        return int(labels[index])
+    return labels[index]
+
+
+def as_targets(labels: np.ndarray | Sequence) -> np.ndarray:
+    """Class indices as int64 (N,), regression targets as float32 (N, T)."""
+    arr = np.asarray(labels)
+    return arr.astype(np.int64) if arr.ndim == 1 else arr.astype(np.float32)
+
 
 class Split:
-    """One split of a source: indexable ``(uint8 CHW tensor, label)`` pairs."""
+    """One split of a source: indexable ``(uint8 CHW tensor, target)`` pairs."""
 
-    labels: np.ndarray
+    labels: np.ndarray  # int64 (N,) class indices, or float32 (N, T) regression targets
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
-        """Decode sample ``index`` into a uint8 CHW tensor and its label."""
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:
+        """Decode sample ``index`` into a uint8 CHW tensor and its target."""
         raise NotImplementedError
 
     def describe(self, index: int) -> str:
@@ -50,11 +66,11 @@ class ArraySplit(Split):
             # torch cannot guard it, and an in-place op would write through. Own a copy.
             chw = chw.copy()
         self.images = torch.from_numpy(chw)
-        self.labels = labels.astype(np.int64)
+        self.labels = as_targets(labels)
         self.name = name
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
-        return self.images[index], int(self.labels[index])
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+        return self.images[index], target_at(self.labels, index)
 
     def describe(self, index: int) -> str:  # noqa: D102
         return f"{self.name}[{index}]"
@@ -63,15 +79,17 @@ class ArraySplit(Split):
 class FileSplit(Split):
     """Images read from files on every access (decoded with libjpeg-turbo/libpng)."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], channels: int) -> None:
+    def __init__(
+        self, paths: Sequence[Path], labels: Sequence[int] | np.ndarray, channels: int
+    ) -> None:
         self.paths = list(paths)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = as_targets(labels)
         self.channels = channels
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
         from visiontrain.data.images import decode_file
 
-        return decode_file(self.paths[index], self.channels), int(self.labels[index])
+        return decode_file(self.paths[index], self.channels), target_at(self.labels, index)
 
     def describe(self, index: int) -> str:  # noqa: D102
         return str(self.paths[index])
@@ -85,7 +103,7 @@ class SubsetSplit(Split):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = base.labels[self.indices]
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:  # noqa: D102
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
         return self.base.load(int(self.indices[index]))
 
     def describe(self, index: int) -> str:  # noqa: D102
@@ -106,14 +124,20 @@ class DataBundle:
     std: tuple[float, ...]
     same_size: bool = True
     notes: list[str] = field(default_factory=list)
+    target_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
-        """Number of classes."""
+        """Number of classes (0 for regression)."""
         return len(self.class_names)
 
+    @property
+    def num_outputs(self) -> int:
+        """Outputs the model needs: one per class, or one per regression target."""
+        return len(self.target_names) if self.target_names else len(self.class_names)
 
-SourceBuilder = Callable[[DataConfig], DataBundle]
+
+SourceBuilder = Callable[[DataConfig, str], DataBundle]
 
 
 @dataclass(frozen=True)
@@ -121,27 +145,32 @@ class _SourceEntry:
     build: SourceBuilder
     uses: frozenset[str]
     generates: bool
+    tasks: frozenset[str]
 
 
 _SOURCES: dict[str, _SourceEntry] = {}
 
 
 def register_source(
-    name: str, uses: Sequence[str] = (), generates: bool = False
+    name: str,
+    uses: Sequence[str] = (),
+    generates: bool = False,
+    tasks: Sequence[str] = ("classification",),
 ) -> Callable[[SourceBuilder], SourceBuilder]:
-    """Register a data source under ``name``.
+    """Register a data source builder ``fn(cfg, task) -> DataBundle`` under ``name``.
 
     Args:
         name: the value of ``data.name``.
         uses: the optional ``data.*`` keys the source honours; others are refused when set.
         generates: True when the source makes its data, so that ``data.train_size`` and
             friends set how much it makes; for real data they cap a fixed random subset.
+        tasks: the tasks the source has targets for.
     """
 
     def deco(fn: SourceBuilder) -> SourceBuilder:
         if name in _SOURCES:
             raise ValueError(f"data source {name!r} is already registered")
-        _SOURCES[name] = _SourceEntry(fn, frozenset(uses), generates)
+        _SOURCES[name] = _SourceEntry(fn, frozenset(uses), generates, frozenset(tasks))
         return fn
 
     return deco
@@ -158,8 +187,8 @@ def _import_builtin_sources() -> None:
     from visiontrain.data import builtin, imagefolder, synthetic  # noqa: F401
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
-    """Build the data bundle named by ``data.name``."""
+def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
+    """Build the data bundle named by ``data.name`` with targets for ``task``."""
     _import_builtin_sources()
     entry = _SOURCES.get(cfg.name)
     if entry is None:
@@ -167,9 +196,16 @@ def build_data(cfg: DataConfig) -> DataBundle:
         raise ConfigError(
             f"unknown data source `data.name={cfg.name}`{tip} Known: {', '.join(sorted(_SOURCES))}."
         )
-    always = {"image_size", "pin_memory", "train_size", "val_size", "test_size"}
+    if task not in entry.tasks:
+        fits = sorted(n for n, e in _SOURCES.items() if task in e.tasks)
+        raise ConfigError(
+            f"data source {cfg.name} has no targets for task {task} (it serves "
+            f"{', '.join(sorted(entry.tasks))}). For task {task} use data.name= one of "
+            f"{', '.join(fits) or '(none yet)'}."
+        )
+    always = {"image_size", "pin_memory", "train_size", "val_size", "test_size", "epoch_samples"}
     refuse_unused(cfg, "data", entry.uses | always, f"data source {cfg.name}")
-    bundle = entry.build(cfg)
+    bundle = entry.build(cfg, task)
     if not entry.generates:
         bundle.train = cap_split(bundle.train, cfg.train_size, cfg.split_seed)
         bundle.val = cap_split(bundle.val, cfg.val_size, cfg.split_seed + 1)

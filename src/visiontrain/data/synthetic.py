@@ -5,6 +5,10 @@ a small fraction carries one defect — a scratch (a thin straight line), a spot
 blob) or a crack (a jagged random walk). Contrast varies so that some defects are
 subtle. Everything is drawn from a numpy Generator seeded by the config, so the same
 settings always give the same arrays; they are generated once and cached on disk.
+
+For ``task=regression`` the same generator asks "how big is the damage": a defective
+image carries one to three defects, and each image's targets are the damaged area in
+percent of the image and the number of defects.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ from visiontrain.data.sources import (
     channel_stats,
     register_source,
 )
+from visiontrain.errors import ConfigError
 from visiontrain.io import atomic_write
 
 GENERATOR_VERSION = 1
 DEFECT_TYPES = ("scratch", "spot", "crack")
 DEFAULTS = {"image_size": 48, "train": 2000, "val": 600, "test": 600, "rate": 0.05}
+# Regression wants damage on many images, of varied size and number.
+REGRESSION_DEFAULTS = {"rate": 0.5, "max_defects": 3}
+REGRESSION_TARGETS = ["area_pct", "count"]
+# A pixel belongs to the damaged area where the soft defect mask reaches half strength.
+AREA_LEVEL = 0.5
 
 
 def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -94,19 +104,23 @@ def _defect(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
 
 
 def generate_defects(
-    n: int, size: int, rate: float, seed: int, types: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Generate ``n`` grey images (N,H,W,1 uint8) and labels.
+    n: int, size: int, rate: float, seed: int, types: bool, max_defects: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generate ``n`` grey images (N,H,W,1 uint8), class labels and damage targets.
 
     Args:
         n: number of images.
         size: side length in pixels.
         rate: fraction of images with a defect (at least one defective image per split).
         seed: seed of the numpy Generator.
-        types: label defects by type (1=scratch, 2=spot, 3=crack) instead of 1=defect.
+        types: label defects by type (1=scratch, 2=spot, 3=crack) instead of 1=defect;
+            with several defects the label is the first one's type.
+        max_defects: a defective image carries 1..max_defects defects. With 1 the random
+            stream is exactly that of the classification data.
 
     Returns:
-        The images and the integer labels (0 = ok).
+        The images, the integer labels (0 = ok) and float32 targets (N, 2): damaged area
+        in percent of the image and the number of defects.
     """
     rng = np.random.default_rng(seed)
     n_defect = min(n, max(1, round(n * rate)))
@@ -114,24 +128,30 @@ def generate_defects(
     defective[rng.choice(n, n_defect, replace=False)] = True
     images = np.empty((n, size, size, 1), np.uint8)
     labels = np.zeros(n, np.int64)
+    targets = np.zeros((n, 2), np.float32)
     for i in range(n):
         img = _surface(rng, size)
         if defective[i]:
-            k = int(rng.integers(len(DEFECT_TYPES)))
-            mask = _defect(rng, size, DEFECT_TYPES[k])
-            # Mostly darker than the surface, sometimes brighter; contrast varies widely.
-            contrast = rng.uniform(25, 70) * (1 if rng.random() < 0.25 else -1)
-            img = img + contrast * mask
-            labels[i] = k + 1 if types else 1
+            count = 1 if max_defects == 1 else int(rng.integers(1, max_defects + 1))
+            damaged = np.zeros((size, size), bool)
+            for j in range(count):
+                k = int(rng.integers(len(DEFECT_TYPES)))
+                mask = _defect(rng, size, DEFECT_TYPES[k])
+                # Mostly darker than the surface, sometimes brighter; contrast varies widely.
+                contrast = rng.uniform(25, 70) * (1 if rng.random() < 0.25 else -1)
+                img = img + contrast * mask
+                damaged |= mask >= AREA_LEVEL
+                if j == 0:
+                    labels[i] = k + 1 if types else 1
+            targets[i] = (100.0 * damaged.mean(), count)
         images[i, :, :, 0] = np.clip(img, 0, 255).astype(np.uint8)
-    return images, labels
+    return images, labels, targets
 
 
-def _cached(
-    path: Path,
-    make: Callable[[], tuple[np.ndarray, np.ndarray]],
-    shape: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray]:
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _cached(path: Path, make: Callable[[], Arrays], shape: tuple[int, ...]) -> Arrays:
     """Read the arrays cached at ``path``, or ``make`` them and cache them atomically.
 
     A cache file that is damaged (truncated, not an npz, a bad CRC) or that holds arrays of
@@ -141,30 +161,44 @@ def _cached(
         try:
             # Our own file handle: np.load leaks the one it opens when the zip is damaged.
             with open(path, "rb") as fh, np.load(fh) as z:
-                images, labels = z["images"], z["labels"]
-            if images.shape == shape and images.dtype == np.uint8 and labels.shape == shape[:1]:
-                return images, labels.astype(np.int64)
+                images, labels, targets = z["images"], z["labels"], z["targets"]
+            if (
+                images.shape == shape
+                and images.dtype == np.uint8
+                and labels.shape == shape[:1]
+                and targets.shape == (shape[0], 2)
+            ):
+                return images, labels.astype(np.int64), targets.astype(np.float32)
         # BadZipFile: a truncated npz; zlib.error: a damaged compressed member.
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
             pass
-    images, labels = make()
+    images, labels, targets = make()
 
     def write(fh: io.BufferedWriter) -> None:
-        np.savez(fh, images=images, labels=labels)
+        np.savez(fh, images=images, labels=labels, targets=targets)
 
     atomic_write(path, write)
-    return images, labels
+    return images, labels, targets
 
 
 @register_source(
     "defects",
     uses=("defect_rate", "defect_classes", "cache_dir", "augment"),
     generates=True,
+    tasks=("classification", "regression"),
 )
-def build_defects(cfg: DataConfig) -> DataBundle:
+def build_defects(cfg: DataConfig, task: str) -> DataBundle:
     """Build the embedded defects dataset (generated once, cached)."""
+    regression = task == "regression"
+    if regression and cfg.defect_classes is not None:
+        raise ConfigError(
+            "data.defect_classes labels classes; task=regression predicts the damaged area "
+            "and the defect count instead. Remove data.defect_classes."
+        )
     size = cfg.image_size or DEFAULTS["image_size"]
-    rate = cfg.defect_rate if cfg.defect_rate is not None else DEFAULTS["rate"]
+    default_rate = REGRESSION_DEFAULTS["rate"] if regression else DEFAULTS["rate"]
+    rate = cfg.defect_rate if cfg.defect_rate is not None else default_rate
+    max_defects = REGRESSION_DEFAULTS["max_defects"] if regression else 1
     types = (cfg.defect_classes or "binary") == "types"
     sizes = {
         "train": cfg.train_size or DEFAULTS["train"],
@@ -175,21 +209,22 @@ def build_defects(cfg: DataConfig) -> DataBundle:
     splits = {}
     for offset, (split, n) in enumerate(sizes.items()):
         seed = cfg.split_seed * 1000 + offset
-        key = cache_key(GENERATOR_VERSION, n, size, rate, seed, types)
+        key = cache_key(GENERATOR_VERSION, n, size, rate, seed, types, max_defects)
         path = root / f"{split}-{key}.npz"
-        images, labels = _cached(
+        images, labels, targets = _cached(
             path,
-            lambda n=n, seed=seed: generate_defects(n, size, rate, seed, types),
+            lambda n=n, seed=seed: generate_defects(n, size, rate, seed, types, max_defects),
             (n, size, size, 1),
         )
-        splits[split] = ArraySplit(images, labels, f"defects/{split}")
+        splits[split] = ArraySplit(images, targets if regression else labels, f"defects/{split}")
     names = ["ok", *DEFECT_TYPES] if types else ["ok", "defect"]
     mean, std = channel_stats(splits["train"].images.permute(0, 2, 3, 1).numpy())
     return DataBundle(
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
-        class_names=names,
+        class_names=[] if regression else names,
+        target_names=REGRESSION_TARGETS if regression else [],
         in_channels=1,
         image_size=size,
         mean=mean,

@@ -19,7 +19,7 @@ from torch import nn
 
 from visiontrain.config import Config
 from visiontrain.data import DataBundle, build_data
-from visiontrain.data.loaders import build_loader
+from visiontrain.data.loaders import build_loader, check_sampler
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.optim import build_optimizer
@@ -33,6 +33,7 @@ from visiontrain.io import atomic_write_json, atomic_write_text
 from visiontrain.models import create_model
 from visiontrain.models.init import init_weights
 from visiontrain.tasks import Task, build_task
+from visiontrain.tasks.base import task_class
 from visiontrain.tracking.envinfo import environment
 from visiontrain.tracking.jsonl import JsonlLogger
 from visiontrain.tracking.progress import ProgressPrinter, choose_mode
@@ -66,7 +67,7 @@ def build_model(cfg: Config, bundle: DataBundle, device: torch.device) -> nn.Mod
     m = cfg.model
     model = create_model(
         m.name,
-        num_classes=bundle.num_classes,
+        num_classes=bundle.num_outputs,
         in_chans=bundle.in_channels,
         pretrained=m.pretrained,
         dropout=m.dropout,
@@ -157,7 +158,9 @@ def build_trainer(
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     set_cpu_threads(device, cfg.data.num_workers)
-    bundle = build_data(cfg.data)
+    task_class(cfg.task)  # an unknown task is named before any data is read
+    check_sampler(cfg.data, cfg.task)
+    bundle = build_data(cfg.data, cfg.task)
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
     model = build_model(cfg, bundle, device)
@@ -222,7 +225,7 @@ def build_trainer(
         )
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     atomic_write_json(run_dir / "env.json", environment(device))
-    for note in bundle.notes:
+    for note in [*bundle.notes, *task.describe()]:
         console.print(f"note: {note}", highlight=False)
     return trainer
 

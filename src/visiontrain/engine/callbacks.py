@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visiontrain.engine.checkpoint import save_checkpoint
+from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer
@@ -76,6 +76,21 @@ class Checkpointer(Callback):
         path = self.folder / "last.pt"
         save_checkpoint(path, trainer.checkpoint_state())
         return path
+
+    def store_task_state(self, task_state: dict[str, Any]) -> None:
+        """Write what the task chose after training (a threshold) into the kept weights.
+
+        The choice was made with the restored best weights, so it goes into best.pt (or
+        last.pt when no epoch improved), which ``predict`` and ``eval`` read. The file is
+        rewritten atomically.
+        """
+        for name in ("best.pt", "last.pt"):
+            path = self.folder / name
+            if path.is_file():
+                state = load_checkpoint(path)
+                state["task_state"] = task_state
+                save_checkpoint(path, state)
+                return
 
     def on_update(self, trainer: Trainer) -> None:  # noqa: D102
         every = self.save_every_steps

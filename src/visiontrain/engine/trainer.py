@@ -124,6 +124,7 @@ class Trainer:
             if self.should_stop:
                 break
         self._restore_best()
+        self._calibrate()
         if self.loaders.test is not None:
             self.results["test"] = self.evaluate(self.loaders.test, "test")
         self._fire("on_fit_end")
@@ -171,7 +172,7 @@ class Trainer:
         self._accum.interval_batches += 1
         self._accum.interval_samples += y.shape[0]
 
-    def evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
+    def evaluate(self, loader: DataLoader, split: str, emit: bool = True) -> dict[str, Any]:
         """Metrics of the current weights on one split (eval mode, inference mode)."""
         start = time.perf_counter()
         self.model.eval()
@@ -190,7 +191,8 @@ class Trainer:
         metrics = self.task.compute_metrics()
         self.model.train()
         self.timings["eval_s"] += time.perf_counter() - start
-        self._emit({"split": split, "kind": "eval", **metrics})
+        if emit:
+            self._emit({"split": split, "kind": "eval", **metrics})
         return metrics
 
     def console(self, message: str) -> None:
@@ -289,6 +291,26 @@ class Trainer:
         else:
             self.results["val"] = self.results.get("val_last", {})
 
+    def _calibrate(self) -> None:
+        """Let the task tune its post-processing (a threshold) on val with the best weights."""
+        if not self.task.calibrates:
+            return
+        self.evaluate(self.loaders.val, "val", emit=False)
+        info = self.task.calibrate()
+        if info is None:
+            return
+        self.results["val"] = self.task.compute_metrics()
+        if not isinstance(self.cfg.train.threshold, float):
+            # A tuned threshold changes the val metrics; a fixed one gives the best epoch's.
+            self._emit({"split": "val", "kind": "calibrated", **self.results["val"]})
+        self.checkpointer.store_task_state(self.task.state_dict())
+        if "threshold" in info:
+            self.console(
+                f"threshold {info['threshold']:.4g} ({info['rule']}): val precision "
+                f"{info['val_precision']:.3f}, recall {info['val_recall']:.3f}, "
+                f"F1 {info['val_f1']:.3f}" + (f" — {info['note']}" if info.get("note") else "")
+            )
+
     def _check_stop(self) -> None:
         if not self.stop_flag:
             return
@@ -341,7 +363,7 @@ class Trainer:
         """Headline numbers for TensorBoard's hparams view."""
         out = {}
         for split in ("val", "test"):
-            for key in ("loss", "accuracy", "macro_f1"):
+            for key in ("loss", "accuracy", "macro_f1", "average_precision", "mae", "rmse", "r2"):
                 value = self.results.get(split, {}).get(key)
                 if isinstance(value, int | float):
                     out[f"{split}/{key}"] = float(value)
@@ -377,9 +399,11 @@ class Trainer:
             "rng": capture_rng(),
             "config": self.cfg.to_dict(),
             "task": self.task.name,
+            "task_state": self.task.state_dict(),
             "data": {
                 "name": self.cfg.data.name,
                 "class_names": list(b.class_names),
+                "target_names": list(b.target_names),
                 "in_channels": b.in_channels,
                 "image_size": b.image_size,
                 "mean": list(b.mean),
@@ -428,17 +452,19 @@ class Trainer:
         self.timings.update(state.get("timings", {}))
         self.skipped.update(state.get("skipped", []))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.task.load_state_dict(state.get("task_state", {}))
         restore_rng(state["rng"])
 
 
 def monitored(metrics: dict[str, Any], key: str) -> float:
-    """Look up ``val/<metric>`` or ``val/<metric>/<class>`` in a metrics dict."""
+    """Look up ``val/<metric>`` or ``val/<metric>/<class or target>`` in a metrics dict."""
     parts = key.split("/")[1:]
     if len(parts) == 1 and isinstance(metrics.get(parts[0]), int | float):
         return float(metrics[parts[0]])
     if len(parts) == 2:
-        per_class = metrics.get("per_class", {})
-        metric, cls = parts
-        if cls in per_class and metric in per_class[cls]:
-            return float(per_class[cls][metric])
+        metric, name = parts
+        for group in ("per_class", "per_target"):
+            rows = metrics.get(group, {})
+            if name in rows and metric in rows[name]:
+                return float(rows[name][metric])
     raise KeyError(key)

@@ -21,9 +21,25 @@ class Task:
     """Base class: loss for training, metric state for evaluation."""
 
     name = "task"
+    # Whether calibrate() tunes something on val after training (set per instance).
+    calibrates = False
 
     def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
         self.cfg, self.bundle, self.device = cfg, bundle, device
+
+    @staticmethod
+    def predictions(
+        outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+    ) -> list[dict[str, Any]]:
+        """Rows for ``predict`` from raw model outputs and the checkpoint's task state.
+
+        Args:
+            outputs: the model's outputs for a batch of images.
+            task_state: :meth:`state_dict` as saved in the checkpoint.
+            names: class names (classification) or target names (regression).
+            top_k: how many ranked alternatives to list, where that means something.
+        """
+        raise NotImplementedError
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training objective: ``{"loss": scalar, **parts}``."""
@@ -47,12 +63,33 @@ class Task:
 
     def monitor_mode(self, metric: str) -> str:
         """``min`` for losses and errors, ``max`` otherwise."""
-        leaf = metric.rsplit("/", 1)[-1]
-        return "min" if "loss" in leaf or leaf in ("mae", "rmse") else "max"
+        # `val/mae/area_pct`: the metric is the part after the split, not the leaf.
+        parts = metric.split("/")
+        name = parts[1] if len(parts) > 1 else parts[0]
+        return "min" if "loss" in name or name in ("mae", "rmse", "mse") else "max"
+
+    def calibrate(self) -> dict[str, Any] | None:
+        """Tune post-processing on the last evaluation (val), e.g. a decision threshold.
+
+        Returns:
+            What was chosen, for summary.json, or None when the task tunes nothing.
+        """
+        return None
+
+    def describe(self) -> list[str]:
+        """Lines printed at the start of training: the weights and sampling in force."""
+        return []
 
     def summary_info(self) -> dict[str, Any]:
         """Task facts worth putting in summary.json and checkpoints."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What inference needs besides the weights (thresholds, target scaling)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (from a checkpoint)."""
 
 
 TaskFactory = Callable[[Config, DataBundle, torch.device], Task]
@@ -71,14 +108,17 @@ def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
     return deco
 
 
+def task_class(name: str) -> TaskFactory:
+    """The registered task class for ``task=name``."""
+    from visiontrain.tasks import classification, regression  # noqa: F401  (register themselves)
+
+    factory = _TASKS.get(name)
+    if factory is None:
+        tip = did_you_mean(name, list(_TASKS))
+        raise ConfigError(f"unknown task `task={name}`{tip} Known: {', '.join(sorted(_TASKS))}.")
+    return factory
+
+
 def build_task(cfg: Config, bundle: DataBundle, device: torch.device) -> Task:
     """Build the task named by ``task``."""
-    from visiontrain.tasks import classification  # noqa: F401  (registers itself)
-
-    factory = _TASKS.get(cfg.task)
-    if factory is None:
-        tip = did_you_mean(cfg.task, list(_TASKS))
-        raise ConfigError(
-            f"unknown task `task={cfg.task}`{tip} Known: {', '.join(sorted(_TASKS))}."
-        )
-    return factory(cfg, bundle, device)
+    return task_class(cfg.task)(cfg, bundle, device)

@@ -1,4 +1,9 @@
-"""Image classification: cross entropy / BCE, accuracy, macro F1, per-class P/R/F1."""
+"""Image classification: the configured loss, accuracy, macro F1, per-class P/R/F1.
+
+With two classes the task also keeps the positive-class scores of an evaluation, so that
+val gives a precision-recall curve and average precision, and ``train.threshold`` can
+be chosen on val and applied to test and to ``predict``.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,25 @@ from torchmetrics.classification import (
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
-from visiontrain.losses import build_loss, class_weights
+from visiontrain.errors import ConfigError
+from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
+from visiontrain.thresholds import average_precision, choose_threshold, pr_curve
+
+# At most this many points of the PR curve go into summary.json.
+PR_POINTS = 200
+
+
+def probabilities(output: torch.Tensor, activation: str) -> torch.Tensor:
+    """Class probabilities from logits: softmax, or per-class sigmoid for one-vs-rest losses."""
+    return torch.sigmoid(output) if activation == "sigmoid" else torch.softmax(output, dim=1)
+
+
+def decide(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Predicted classes: argmax, or for two classes ``P(class 1) >= threshold``."""
+    if threshold is not None and probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).long()
+    return probs.argmax(dim=1)
 
 
 @register_task("classification")
@@ -26,13 +48,30 @@ class ClassificationTask(Task):
 
     name = "classification"
 
+    @staticmethod
+    def predictions(  # noqa: D102
+        outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+    ) -> list[dict[str, Any]]:
+        return predictions(outputs, task_state, names, top_k)
+
     def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
         super().__init__(cfg, bundle, device)
         n = bundle.num_classes
         counts = torch.bincount(torch.as_tensor(bundle.train.labels), minlength=n)
         self.class_counts = counts
-        self.weights = class_weights(cfg.loss.class_weights, counts)
-        self.loss_fn = build_loss(cfg.loss, "classification", n, self.weights)
+        self.loss_fn = build_loss(cfg.loss, LossContext("classification", n, counts))
+        self.binary = n == 2
+        # Binary: the PR curve and the threshold come from val with the best weights.
+        self.calibrates = self.binary
+        rule = cfg.train.threshold
+        if not self.binary and rule != 0.5:
+            raise ConfigError(
+                f"train.threshold applies to binary classification; this data has {n} "
+                "classes, where the prediction is the most probable class. Remove "
+                "train.threshold."
+            )
+        self.threshold: float | None = 0.5 if self.binary else None
+        self.threshold_info: dict[str, Any] | None = None
         self.metrics = MetricCollection(
             {
                 "accuracy": MulticlassAccuracy(n, average="micro"),
@@ -45,6 +84,8 @@ class ClassificationTask(Task):
         ).to(device)
         self._loss_sum = torch.zeros((), device=device)
         self._count = torch.zeros((), device=device, dtype=torch.long)
+        self._scores: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: D102
         return {"loss": self.loss_fn(output, target)}
@@ -53,18 +94,33 @@ class ClassificationTask(Task):
         self.metrics.reset()
         self._loss_sum.zero_()
         self._count.zero_()
+        self._scores, self._targets = [], []
 
     def update_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:  # noqa: D102
         # Sum, not mean, so that the last (smaller) batch weighs by its size.
         self._loss_sum += self.loss_fn(output, target).detach() * target.shape[0]
         self._count += target.shape[0]
-        self.metrics.update(output.argmax(dim=1), target)
+        probs = probabilities(output, self.loss_fn.activation)
+        if self.binary:
+            # Scores stay on the device; thresholds are applied once, in compute_metrics.
+            self._scores.append(probs[:, 1])
+            self._targets.append(target)
+        else:
+            self.metrics.update(probs.argmax(dim=1), target)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
+        extra: dict[str, Any] = {}
+        if self.binary and self._scores:
+            scores, targets = torch.cat(self._scores), torch.cat(self._targets)
+            self.metrics.reset()
+            self.metrics.update((scores >= self.threshold).long(), targets)
+            extra = {
+                "average_precision": average_precision(scores, targets),
+                "threshold": self.threshold,
+            }
         values = self.metrics.compute()
         confusion = values["confusion"].long().cpu()
         support = confusion.sum(dim=1)
-        names = self.bundle.class_names
         per_class = {
             name: {
                 "precision": float(values["precision"][i]),
@@ -72,27 +128,121 @@ class ClassificationTask(Task):
                 "f1": float(values["f1"][i]),
                 "support": int(support[i]),
             }
-            for i, name in enumerate(names)
+            for i, name in enumerate(self.bundle.class_names)
         }
         count = int(self._count)
         return {
             "loss": float(self._loss_sum) / max(count, 1),
             "accuracy": float(values["accuracy"]),
             "macro_f1": float(values["macro_f1"]),
+            **extra,
             "per_class": per_class,
             "confusion_matrix": confusion.tolist(),
             "samples": count,
         }
 
+    def calibrate(self) -> dict[str, Any] | None:
+        """Choose ``train.threshold`` on the scores of the last (val) evaluation."""
+        if not self.binary or not self._scores:
+            return None
+        scores, targets = torch.cat(self._scores).cpu(), torch.cat(self._targets).cpu()
+        choice = choose_threshold(scores, targets, self.cfg.train.threshold)
+        self.threshold = choice.threshold
+        info = choice.to_dict()
+        if 0 < int(targets.sum()) < len(targets):
+            precision, recall, thresholds = pr_curve(scores, targets)
+            step = max(1, len(thresholds) // PR_POINTS)
+            info["pr_curve"] = {
+                "precision": [round(float(v), 5) for v in precision[::step]],
+                "recall": [round(float(v), 5) for v in recall[::step]],
+                "thresholds": [round(float(v), 6) for v in thresholds[::step]],
+            }
+            info["average_precision"] = average_precision(scores, targets)
+        self.threshold_info = info
+        return info
+
     def metric_names(self) -> list[str]:  # noqa: D102
         names = ["val/loss", "val/accuracy", "val/macro_f1"]
+        if self.binary:
+            names.append("val/average_precision")
         for cls in self.bundle.class_names:
             names += [f"val/{m}/{cls}" for m in ("precision", "recall", "f1")]
         return names
 
+    def describe(self) -> list[str]:  # noqa: D102
+        names = self.bundle.class_names
+        counts = ", ".join(f"{c} {int(n)}" for c, n in zip(names, self.class_counts, strict=True))
+        lines = [f"train class counts: {counts}"]
+        info = self.loss_fn.info
+        for key, values in info.items():
+            if isinstance(values, list) and len(values) == len(names):
+                pairs = ", ".join(f"{c} {v:.4g}" for c, v in zip(names, values, strict=True))
+                lines.append(f"loss {self.loss_fn.name}: {key} {pairs}")
+            elif values is not None:
+                lines.append(f"loss {self.loss_fn.name}: {key} {values}")
+        sampler = self.sampler_info()
+        if sampler["name"] == "weighted":
+            per = ", ".join(
+                f"{c} {p:.3g}" for c, p in zip(names, sampler["class_probability"], strict=True)
+            )
+            lines.append(
+                f"weighted sampler: {sampler['epoch_samples']} draws per epoch with "
+                f"replacement; class draw probability {per}"
+            )
+        if self.binary and self.cfg.train.threshold != 0.5:
+            lines.append(f"threshold: {self.cfg.train.threshold}, chosen on val after training")
+        return lines
+
+    def sampler_info(self) -> dict[str, Any]:
+        """The training sampler in force: its name, epoch length and class draw odds."""
+        data = self.cfg.data
+        n = int(self.class_counts.sum())
+        if data.sampler != "weighted":
+            probs = (self.class_counts.double() / max(n, 1)).tolist()
+            return {"name": "random", "epoch_samples": n, "class_probability": probs}
+        present = (self.class_counts > 0).double()
+        probs = (present / present.sum()).tolist()
+        return {
+            "name": "weighted",
+            "epoch_samples": data.epoch_samples or n,
+            "class_probability": probs,
+        }
+
     def summary_info(self) -> dict[str, Any]:  # noqa: D102
+        info = self.loss_fn.info
         return {
             "class_names": self.bundle.class_names,
             "train_class_counts": self.class_counts.tolist(),
-            "class_weights": None if self.weights is None else self.weights.tolist(),
+            "loss": {"name": self.loss_fn.name, **info},
+            "class_weights": info.get("class_weights"),
+            "sampler": self.sampler_info(),
+            "threshold": self.threshold_info,
         }
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"activation": self.loss_fn.activation, "threshold": self.threshold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        if self.binary and state.get("threshold") is not None:
+            self.threshold = float(state["threshold"])
+
+
+def predictions(
+    outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+) -> list[dict[str, Any]]:
+    """Per-image prediction rows: the decided class, its probability and the top k."""
+    probs = probabilities(outputs.float(), task_state.get("activation", "softmax"))
+    chosen = decide(probs, task_state.get("threshold"))
+    k = min(top_k, len(names))
+    top_p, top_i = probs.topk(k, dim=1)
+    return [
+        {
+            "prediction": names[int(chosen[n])],
+            "probability": round(float(probs[n, chosen[n]]), 6),
+            "top": [
+                {"class": names[int(i)], "probability": round(float(p), 6)}
+                for p, i in zip(top_p[n], top_i[n], strict=True)
+            ],
+        }
+        for n in range(len(probs))
+    ]
