@@ -54,3 +54,46 @@ def test_overhead_refuses_a_bad_flag() -> None:
     )
     assert proc.returncode == 2
     assert "--rounds must be positive" in proc.stderr
+
+
+IMBALANCE = Path(__file__).resolve().parents[1] / "benchmarks" / "imbalance.py"
+
+
+@pytest.mark.slow
+def test_imbalance_quick_prints_the_table(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(IMBALANCE),
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--variants",
+            "cross_entropy",
+            "class_weights",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "VISIONTRAIN_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "| variant | defect precision | defect recall | macro F1 |" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| cross_entropy", "| class_w"))]
+    assert len(rows) == 2 and all(" ± " in row for row in rows)
+    import json
+
+    results = json.loads((tmp_path / "imbalance.json").read_text())
+    assert [len(v) for v in results.values()] == [2, 2]
+    # The table's mean is the mean of the runs' own summaries.
+    recalls = [
+        json.loads((tmp_path / f"class_weights-seed{s}" / "summary.json").read_text())["metrics"][
+            "test"
+        ]["per_class"]["defect"]["recall"]
+        for s in (0, 1)
+    ]
+    assert f"{sum(recalls) / 2:.3f} ± " in rows[1]

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from visiontrain import __version__
+from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -43,15 +44,11 @@ def _split_config(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-# Headline metrics in the order a reader looks for them.
-HEADLINE = ("loss", "accuracy", "macro_f1", "average_precision", "threshold", "mae", "rmse", "r2")
-
-
 def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
     """Rich tables of one split's metrics: per class (P/R/F1/support) or per target."""
     title = f"{split}: " + "  ".join(
         f"{key.replace('_', ' ')} {metrics[key]:.4f}"
-        for key in HEADLINE
+        for key in HEADLINE_ORDER
         if isinstance(metrics.get(key), int | float)
     )
     title += f"  ({metrics.get('samples', 0)} images)"
@@ -170,6 +167,11 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if not paths:
         raise UserError("no images found in the given paths.")
     loaded = load_trained(args.target)
+    if loaded.target_names and args.top_k != 1:
+        raise UserError(
+            f"--top-k ranks classes; {args.target} is a regression model that predicts "
+            f"{', '.join(loaded.target_names)}. Drop --top-k."
+        )
     rows = predict_files(loaded, paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))

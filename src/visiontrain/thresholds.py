@@ -84,7 +84,7 @@ def choose_threshold(
     """
     scores, targets = scores.detach().float().cpu(), targets.detach().long().cpu()
     if isinstance(rule, float):
-        return _at(scores, targets, rule, str(rule), None)
+        return _at(scores, targets, rule, "fixed", None)
     if int(targets.sum()) == 0 or int(targets.sum()) == len(targets):
         return _at(scores, targets, 0.5, str(rule), "val has a single class: threshold kept at 0.5")
     precision, recall, thresholds = pr_curve(scores, targets)

@@ -150,12 +150,25 @@ def _build_regression(cfg: DataConfig, root: Path) -> DataBundle:
         notes.append(f"no val/labels.csv: held out {n_val} training images (data.val_split)")
     test_csv = root / "test" / "labels.csv"
     test = _csv_split(test_csv, names) if per_split and test_csv.is_file() else None
+    return _bundle(cfg, train, val, test, notes, target_names=names)
+
+
+def _bundle(
+    cfg: DataConfig,
+    train: Split,
+    val: Split,
+    test: Split | None,
+    notes: list[str],
+    class_names: list[str] | None = None,
+    target_names: list[str] | None = None,
+) -> DataBundle:
+    """RGB files of any size, resized to ``data.image_size`` (224), ImageNet statistics."""
     return DataBundle(
         train=train,
         val=val,
         test=test,
-        class_names=[],
-        target_names=names,
+        class_names=class_names or [],
+        target_names=target_names or [],
         in_channels=3,
         image_size=cfg.image_size or 224,
         mean=IMAGENET_MEAN,
@@ -211,15 +224,4 @@ def build_imagefolder(cfg: DataConfig, task: str) -> DataBundle:
         if (root / "test").is_dir()
         else None
     )
-    return DataBundle(
-        train=train,
-        val=val,
-        test=test,
-        class_names=names,
-        in_channels=3,
-        image_size=cfg.image_size or 224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        same_size=False,
-        notes=notes,
-    )
+    return _bundle(cfg, train, val, test, notes, class_names=names)

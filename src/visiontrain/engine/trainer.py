@@ -357,6 +357,8 @@ class Trainer:
             "precision": c.train.precision,
             "seed": c.train.seed,
             "label_smoothing": c.loss.label_smoothing,
+            "class_weights": str(c.loss.class_weights),
+            "sampler": c.data.sampler,
         }
 
     def final_scalars(self) -> dict[str, float]:

@@ -178,7 +178,7 @@ class ClassificationTask(Task):
             if isinstance(values, list) and len(values) == len(names):
                 pairs = ", ".join(f"{c} {v:.4g}" for c, v in zip(names, values, strict=True))
                 lines.append(f"loss {self.loss_fn.name}: {key} {pairs}")
-            elif values is not None:
+            elif values not in (None, 0, 0.0):  # unset options are not "in force"
                 lines.append(f"loss {self.loss_fn.name}: {key} {values}")
         sampler = self.sampler_info()
         if sampler["name"] == "weighted":
