@@ -52,15 +52,13 @@ def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
         if isinstance(metrics.get(key), int | float)
     )
     title += f"  ({metrics.get('samples', 0)} images)"
-    groups = [
-        ("per_class", "class", ("precision", "recall", "f1", "support")),
-        ("per_target", "target", ("mae", "rmse", "r2", "bias")),
-    ]
     tables = []
-    for key, label, columns in groups:
+    for key, label in (("per_class", "class"), ("per_target", "target")):
         rows = metrics.get(key)
         if not rows:
             continue
+        # Columns as the task wrote them: P/R/F1/support, AP, IoU/Dice, MAE/RMSE/R²...
+        columns = list(next(iter(rows.values())))
         table = Table(title=title)
         for col in (label, *columns):
             table.add_column(col, justify="left" if col == label else "right")
@@ -151,7 +149,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    """Predict classes for image files or folders."""
+    """Predict classes, values, boxes or masks for image files or folders."""
     from visiontrain.data.images import IMAGE_EXTENSIONS
     from visiontrain.inference import load_trained, predict_files
 
@@ -167,26 +165,40 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if not paths:
         raise UserError("no images found in the given paths.")
     loaded = load_trained(args.target)
-    if loaded.target_names and args.top_k != 1:
+    task = loaded.cfg.task
+    if task != "classification" and args.top_k != 1:
+        raise UserError(f"--top-k ranks classes; {args.target} is a {task} model. Drop --top-k.")
+    if task != "detection" and (args.score_threshold is not None or args.draw):
         raise UserError(
-            f"--top-k ranks classes; {args.target} is a regression model that predicts "
-            f"{', '.join(loaded.target_names)}. Drop --top-k."
+            f"--score-threshold and --draw apply to detection; {args.target} is a {task} "
+            "model. Drop them."
         )
-    rows = predict_files(loaded, paths, top_k=args.top_k)
+    rows = predict_files(loaded, paths, top_k=args.top_k, score_threshold=args.score_threshold)
+    out_dir = Path(args.out)
+    if task == "segmentation":
+        _write_masks(rows, out_dir)
+        console.print(f"masks written to {out_dir}/ (PNG, class index per pixel)")
+    if args.draw:
+        _draw_boxes(rows, out_dir, loaded.class_names)
+        console.print(f"images with boxes written to {out_dir}/")
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    flat = _flat_rows(rows)
+    if not flat:
+        console.print("no detections above the score threshold")
+        return EXIT_OK
     # Flat columns only: the ranked alternatives ("top") are in the JSON output.
-    columns = [c for c in rows[0] if c != "top"]
+    columns = [c for c in flat[0] if c != "top"]
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([r[c] for c in columns] for r in rows)
+        writer.writerows([r[c] for c in columns] for r in flat)
     else:
         table = Table()
         for col in columns:
             table.add_column(col, justify="left" if col in ("file", "prediction") else "right")
-        for r in rows:
+        for r in flat:
             table.add_row(
                 *(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
             )
@@ -195,6 +207,65 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if threshold is not None and args.format == "table":
         console.print(f"decision threshold {threshold:.4g} (chosen at training)", highlight=False)
     return EXIT_OK
+
+
+def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per detection (detection), per image otherwise."""
+    flat = []
+    for row in rows:
+        if "detections" in row:
+            for det in row["detections"]:
+                x1, y1, x2, y2 = det["box"]
+                flat.append(
+                    {
+                        "file": row["file"],
+                        "class": det["class"],
+                        "score": det["score"],
+                        "x1": x1,
+                        "y1": y1,
+                        "x2": x2,
+                        "y2": y2,
+                    }
+                )
+        elif "classes" in row:
+            shares = ", ".join(f"{k} {v:.1%}" for k, v in row["classes"].items())
+            flat.append({"file": row["file"], "mask": row["mask"], "classes": shares})
+        else:
+            flat.append(row)
+    return flat
+
+
+def _write_masks(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Save each predicted mask as a PNG of class indices; the row keeps its path."""
+    from PIL import Image
+
+    from visiontrain.io import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        path = out_dir / f"{Path(row['file']).stem}.png"
+        image = Image.fromarray(row["mask"].numpy())
+        atomic_write(path, lambda fh, image=image: image.save(fh, format="PNG"))
+        row["mask"] = str(path)
+
+
+def _draw_boxes(rows: list[dict[str, Any]], out_dir: Path, names: list[str]) -> None:
+    """Save each image with its detections drawn and labelled."""
+    import torch
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+
+    from visiontrain.data.images import decode_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        image = decode_file(Path(row["file"]), 3)
+        dets = row["detections"]
+        if dets:
+            boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float32)
+            labels = [f"{d['class']} {d['score']:.2f}" for d in dets]
+            image = draw_bounding_boxes(image, boxes, labels, width=2)
+        write_png(image, str(out_dir / f"{Path(row['file']).stem}.png"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,13 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        help="predict classes for image files",
-        description="Predict the class of each image with a run directory or checkpoint.",
+        help="predict classes, values, boxes or masks for image files",
+        description="Predict with a run directory or checkpoint: the class of each image "
+        "(with the threshold chosen at training), regression values, detected boxes, or "
+        "segmentation masks (written as PNGs of class indices to --out).",
     )
     p.add_argument("target", metavar="RUN_OR_CKPT")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=1, help="classification: list the k best")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="detection: keep boxes scoring at least this (default 0.5; NMS is the model's)",
+    )
+    p.add_argument(
+        "--draw", action="store_true", help="detection: write the images with boxes to --out"
+    )
+    p.add_argument(
+        "--out", default="predictions", help="folder for masks and drawn images (predictions/)"
+    )
     p.set_defaults(func=cmd_predict)
     from visiontrain.compare import add_parser as add_compare_parser
 

@@ -41,6 +41,12 @@ HEADLINE_ORDER = (
     "mae",
     "rmse",
     "r2",
+    "map",
+    "map_50",
+    "map_75",
+    "miou",
+    "dice",
+    "pixel_accuracy",
 )
 # Scalar entries of a split's metrics that are not metrics of the model.
 NOT_HEADLINE = frozenset({"samples"})

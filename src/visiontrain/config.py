@@ -70,6 +70,7 @@ class ModelConfig(_Section):
     width: int | None = Field(None, ge=1, le=1024)
     depth: int | None = Field(None, ge=1, le=8)
     norm: Literal["batch", "layer", "group", "none"] | None = None
+    encoder: str | None = None
 
 
 class LossConfig(_Section):
@@ -86,6 +87,7 @@ class LossConfig(_Section):
     delta: float | None = Field(None, gt=0.0)
     dice_weight: float | None = Field(None, ge=0.0)
     ce_weight: float | None = Field(None, ge=0.0)
+    term_weights: dict[str, float] | None = None
 
     @field_validator("class_weights", "pos_weight")
     @classmethod
@@ -113,6 +115,9 @@ DEFAULT_LOSS = {
     "segmentation": "dice_ce",
     "detection": "detector",
 }
+# The metric that picks best.pt when `train.monitor` is not set. A detector computes its
+# losses only in training mode, so detection has no val/loss.
+DEFAULT_MONITOR = {"detection": "val/map", "segmentation": "val/miou"}
 
 
 class OptimConfig(_Section):
@@ -164,7 +169,7 @@ class TrainConfig(_Section):
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
-    monitor: str = "val/loss"
+    monitor: str | None = None
     threshold: float | str = 0.5
     monitor_mode: Literal["auto", "min", "max"] = "auto"
     eval_every: int = Field(1, ge=1)
@@ -219,9 +224,11 @@ class Config(_Section):
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _task_default_loss(self) -> Config:
+    def _task_defaults(self) -> Config:
         if self.loss.name is None:
             self.loss.name = DEFAULT_LOSS.get(self.task, "cross_entropy")
+        if self.train.monitor is None:
+            self.train.monitor = DEFAULT_MONITOR.get(self.task, "val/loss")
         return self
 
     def to_dict(self) -> dict[str, Any]:

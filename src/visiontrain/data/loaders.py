@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import DataBundle, Split, Target
-from visiontrain.data.transforms import Transform, build_transform
+from visiontrain.data.transforms import PairTransform, build_pair_transform, build_transform
 from visiontrain.engine.seed import sample_seed, worker_init
 from visiontrain.errors import ConfigError, DataError, clean_message
 
@@ -90,7 +90,9 @@ class Skipped:
 class AugmentedDataset(Dataset):
     """A split plus its transform, indexed by ``(epoch, index)``."""
 
-    def __init__(self, split: Split, transform: Transform | None, seed: int, on_error: str) -> None:
+    def __init__(
+        self, split: Split, transform: PairTransform | None, seed: int, on_error: str
+    ) -> None:
         self.split, self.transform, self.seed, self.on_error = split, transform, seed, on_error
 
     def __len__(self) -> int:
@@ -109,7 +111,7 @@ class AugmentedDataset(Dataset):
             # the caller's RNG stream: identical in any worker and after a resume.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, epoch, index))
-                image = self.transform(image)
+                image, target = self.transform(image, target)
         return image, target
 
 
@@ -123,8 +125,14 @@ def collate(items: list[tuple[torch.Tensor, Target] | Skipped]) -> dict[str, obj
     if not good:
         return {"image": None, "target": None, "skipped": skipped}
     images = torch.stack([it[0] for it in good])
-    if isinstance(good[0][1], int):
+    first = good[0][1]
+    targets: object
+    if isinstance(first, int):
         targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    elif isinstance(first, dict):
+        targets = [it[1] for it in good]  # detection: a different number of boxes per image
+    elif isinstance(first, torch.Tensor):
+        targets = torch.stack([it[1] for it in good])  # segmentation masks
     else:
         targets = torch.from_numpy(np.stack([it[1] for it in good]).astype(np.float32))
     return {"image": images, "target": targets, "skipped": skipped}
@@ -180,6 +188,21 @@ def check_sampler(cfg: DataConfig, task: str) -> None:
         )
 
 
+def pair_transform(
+    task: str, cfg: DataConfig, bundle: DataBundle, train: bool
+) -> PairTransform | None:
+    """The split's transform as ``(image, target) -> (image, target)``, or None."""
+    if task in ("detection", "segmentation"):
+        return build_pair_transform(task, cfg.augment, bundle.image_size, bundle.same_size, train)
+
+    transform = build_transform(
+        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, train
+    )
+    if transform is None:
+        return None
+    return lambda image, target: (transform(image), target)
+
+
 def build_loader(
     split: Split,
     bundle: DataBundle,
@@ -188,13 +211,12 @@ def build_loader(
     train: bool,
     seed: int,
     pin_memory: bool,
+    task: str = "classification",
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader over one split with the resumable batch sampler."""
-    transform = build_transform(
-        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, train
-    )
+    transform = pair_transform(task, cfg, bundle, train)
     dataset = AugmentedDataset(split, transform, seed, cfg.on_error)
     weights = (
         sample_weights(split.labels, bundle.num_classes)

@@ -20,7 +20,8 @@ import torch
 from visiontrain.config import DataConfig, refuse_unused
 from visiontrain.errors import ConfigError, DataError, did_you_mean
 
-Target = int | np.ndarray
+# int (classification), float32 row (regression), dict (detection), int64 mask (segmentation)
+Target = int | np.ndarray | dict | torch.Tensor
 
 
 def target_at(labels: np.ndarray, index: int) -> Target:
@@ -37,11 +38,20 @@ def as_targets(labels: np.ndarray | Sequence) -> np.ndarray:
 
 
 class Split:
-    """One split of a source: indexable ``(uint8 CHW tensor, target)`` pairs."""
+    """One split of a source: indexable ``(uint8 CHW tensor, target)`` pairs.
 
-    labels: np.ndarray  # int64 (N,) class indices, or float32 (N, T) regression targets
+    Targets by task: an int class index (classification); a float32 row (regression);
+    ``{"boxes": float32 (K, 4) xyxy pixels, "labels": int64 (K,) 0-based class}``
+    (detection); an int64 (H, W) mask of class indices with 255 = ignore (segmentation).
+    """
+
+    # int64 (N,) class indices or float32 (N, T) regression targets; None for detection and
+    # segmentation splits, whose targets are read per sample.
+    labels: np.ndarray | None
 
     def __len__(self) -> int:
+        if self.labels is None:
+            raise NotImplementedError("a split without a labels array defines __len__")
         return len(self.labels)
 
     def load(self, index: int) -> tuple[torch.Tensor, Target]:
@@ -101,7 +111,10 @@ class SubsetSplit(Split):
     def __init__(self, base: Split, indices: np.ndarray) -> None:
         self.base = base
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = base.labels[self.indices]
+        self.labels = None if base.labels is None else base.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
     def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
         return self.base.load(int(self.indices[index]))
@@ -184,7 +197,7 @@ def list_sources() -> list[str]:
 
 def _import_builtin_sources() -> None:
     # Imported for their @register_source side effect.
-    from visiontrain.data import builtin, imagefolder, synthetic  # noqa: F401
+    from visiontrain.data import builtin, coco, imagefolder, masks, shapes, synthetic  # noqa: F401
 
 
 def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:

@@ -7,8 +7,10 @@ normalisation happen once, on the device, after the copy (:class:`Normalizer`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -79,3 +81,97 @@ class Normalizer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+# ----------------------------------------------------------------- detection, segmentation
+
+PairTransform = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+# Padding and crops fill masks with the ignore label, so filled pixels are never scored.
+_FILL = {tv_tensors.Mask: 255, "others": 0}
+
+
+def _dense_presets(size: int) -> dict[str, list[v2.Transform]]:
+    return {
+        "none": [],
+        "light": [v2.RandomHorizontalFlip()],
+        "standard": [
+            v2.ScaleJitter((size, size), scale_range=(0.6, 1.4), antialias=True),
+            v2.RandomCrop(size, pad_if_needed=True, fill=_FILL),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+        ],
+    }
+
+
+class _FitSquare(v2.Transform):
+    """Longer side to ``size`` (aspect kept), then pad right and bottom to a square.
+
+    Boxes keep their pixels' coordinates; a batch of any-size files stacks.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, *inputs: Any) -> Any:
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        image = sample[0]
+        h, w = image.shape[-2:]
+        scale = self.size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        sample = v2.Resize((nh, nw), antialias=True)(sample)
+        pad = [0, 0, self.size - nw, self.size - nh]
+        return v2.Pad(pad, fill=_FILL)(sample)
+
+
+def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 CHW image of any size as the ``size`` x ``size`` square the model was fed."""
+    return _FitSquare(size)(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
+def build_pair_transform(
+    task: str, preset: str, size: int, same_size: bool, train: bool
+) -> PairTransform | None:
+    """Joint image/target transform for detection and segmentation (torchvision v2).
+
+    Boxes and masks move with the image (flip, scale jitter, crop); boxes are clamped to
+    the image and those left empty are removed with their labels.
+
+    Args:
+        task: ``detection`` or ``segmentation``.
+        preset: ``none``, ``light`` (flip) or ``standard`` (scale jitter, crop, flip, colour).
+        size: working image size (square).
+        same_size: images already are ``size`` x ``size``.
+        train: whether this is the training split (evaluation never augments).
+
+    Returns:
+        A callable ``(uint8 CHW image, target) -> (image, target)`` on plain tensors, or
+        None when there is nothing to do.
+    """
+    steps: list[v2.Transform] = [] if same_size else [_FitSquare(size)]
+    if train:
+        steps.extend(_dense_presets(size)[preset])
+    if task == "detection":
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
+    if not steps:
+        return None
+    compose = v2.Compose(steps)
+
+    def apply(image: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
+        if task == "detection":
+            boxes = tv_tensors.BoundingBoxes(
+                target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:])
+            )
+            wrapped = {**target, "boxes": boxes}
+            out_image, out = compose(tv_tensors.Image(image), wrapped)
+            out = {
+                **out,
+                "boxes": out["boxes"].as_subclass(torch.Tensor).float(),
+                "labels": out["labels"],
+            }
+        else:
+            out_image, mask = compose(tv_tensors.Image(image), tv_tensors.Mask(target))
+            out = mask.as_subclass(torch.Tensor).long()
+        return out_image.as_subclass(torch.Tensor), out
+
+    return apply

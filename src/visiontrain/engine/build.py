@@ -70,6 +70,9 @@ def build_model(cfg: Config, bundle: DataBundle, device: torch.device) -> nn.Mod
         num_classes=bundle.num_outputs,
         in_chans=bundle.in_channels,
         pretrained=m.pretrained,
+        task=cfg.task,
+        image_size=bundle.image_size,
+        encoder=m.encoder,
         dropout=m.dropout,
         drop_path=m.drop_path,
         width=m.width,
@@ -126,7 +129,7 @@ def plan_run(cfg: Config) -> RunPlan:
 def build_loaders(cfg: Config, bundle: DataBundle, device: torch.device) -> Loaders:
     """Train, val and test loaders with the run's seed."""
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    kw: dict[str, Any] = {"seed": cfg.train.seed, "pin_memory": pin}
+    kw: dict[str, Any] = {"seed": cfg.train.seed, "pin_memory": pin, "task": cfg.task}
     return Loaders(
         train=build_loader(bundle.train, bundle, cfg.data, train=True, **kw),
         val=build_loader(bundle.val, bundle, cfg.data, train=False, **kw),

@@ -17,6 +17,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
+from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
@@ -43,6 +44,7 @@ class _TrainAccum:
     """Running training statistics; the interval loss stays on the device."""
 
     interval_loss: torch.Tensor
+    interval_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     interval_batches: int = 0
     interval_samples: int = 0
     interval_start: float = field(default_factory=time.perf_counter)
@@ -163,14 +165,20 @@ class Trainer:
     def train_step(self, batch: dict[str, Any], scale: float) -> None:
         """Forward and backward of one micro-batch; the loss stays on the device."""
         x = self._prepare(batch["image"])
-        y = batch["target"].to(self.device, non_blocking=True)
+        y = to_device(batch["target"], self.device)
         with self.precision.autocast():
-            out = self.model(x)
-        loss = self.task.loss(out, y)["loss"]
+            out = self.task.forward(self.model, x, y)
+        losses = self.task.loss(out, y)
+        loss = losses["loss"]
         self.precision.scaler.scale(loss * scale).backward()
-        self._accum.interval_loss += loss.detach()
-        self._accum.interval_batches += 1
-        self._accum.interval_samples += y.shape[0]
+        acc = self._accum
+        acc.interval_loss += loss.detach()
+        for name, part in losses.items():
+            if name != "loss":
+                # Each term of a composite loss (a detector's) is summed on the device too.
+                acc.interval_parts[name] = acc.interval_parts.get(name, 0) + part.detach()
+        acc.interval_batches += 1
+        acc.interval_samples += len(batch["image"])
 
     def evaluate(self, loader: DataLoader, split: str, emit: bool = True) -> dict[str, Any]:
         """Metrics of the current weights on one split (eval mode, inference mode)."""
@@ -184,10 +192,10 @@ class Trainer:
                 if batch["image"] is None:
                     continue
                 x = self._prepare(batch["image"])
-                y = batch["target"].to(self.device, non_blocking=True)
+                y = to_device(batch["target"], self.device)
                 with self.precision.autocast():
-                    out = self.model(x)
-                self.task.update_metrics(out.float(), y)
+                    out = self.task.infer(self.model, x)
+                self.task.update_metrics(out, y)
         metrics = self.task.compute_metrics()
         self.model.train()
         self.timings["eval_s"] += time.perf_counter() - start
@@ -240,15 +248,18 @@ class Trainer:
         acc.epoch_loss += loss_sum
         acc.epoch_batches += acc.interval_batches
         acc.epoch_samples += acc.interval_samples
+        parts = {f"loss_{k}": float(v) / batches for k, v in acc.interval_parts.items()}
         record = {
             "split": "train",
             "kind": "train_step",
             "loss": loss_sum / batches,
+            **parts,
             "lr": self.last_lr,
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
             "samples_per_s": acc.interval_samples / max(now - acc.interval_start, 1e-9),
         }
         acc.interval_loss.zero_()
+        acc.interval_parts = {}
         acc.interval_batches = acc.interval_samples = 0
         acc.interval_start = now
         self._emit(record)
@@ -365,7 +376,7 @@ class Trainer:
         """Headline numbers for TensorBoard's hparams view."""
         out = {}
         for split in ("val", "test"):
-            for key in ("loss", "accuracy", "macro_f1", "average_precision", "mae", "rmse", "r2"):
+            for key in HEADLINE_ORDER:
                 value = self.results.get(split, {}).get(key)
                 if isinstance(value, int | float):
                     out[f"{split}/{key}"] = float(value)
@@ -389,6 +400,9 @@ class Trainer:
             },
             "accum": {
                 "interval_loss": acc.interval_loss.detach().cpu().clone(),
+                "interval_parts": {
+                    k: v.detach().cpu().clone() for k, v in acc.interval_parts.items()
+                },
                 "interval_batches": acc.interval_batches,
                 "interval_samples": acc.interval_samples,
                 "epoch_loss": acc.epoch_loss,
@@ -442,6 +456,9 @@ class Trainer:
         self.global_step = counters["global_step"]
         acc = state["accum"]
         self._accum.interval_loss = acc["interval_loss"].to(self.device)
+        self._accum.interval_parts = {
+            k: v.to(self.device) for k, v in acc.get("interval_parts", {}).items()
+        }
         for key in (
             "interval_batches",
             "interval_samples",
@@ -456,6 +473,17 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.task.load_state_dict(state.get("task_state", {}))
         restore_rng(state["rng"])
+
+
+def to_device(target: Any, device: torch.device) -> Any:
+    """Move a batch's targets — a tensor, or a detection list of dicts — to the device."""
+    if isinstance(target, torch.Tensor):
+        return target.to(device, non_blocking=True)
+    if isinstance(target, list):
+        return [to_device(t, device) for t in target]
+    if isinstance(target, dict):
+        return {k: to_device(v, device) for k, v in target.items()}
+    return target
 
 
 def monitored(metrics: dict[str, Any], key: str) -> float:

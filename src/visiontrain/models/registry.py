@@ -8,6 +8,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,28 +18,41 @@ from visiontrain.errors import ConfigError, did_you_mean
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
+_TASKS: dict[str, frozenset[str]] = {}
+# Tasks whose builders also get the working image size (detectors size their transforms
+# and anchors with it).
+SIZED_TASKS = frozenset({"detection", "segmentation"})
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a builder ``fn(num_classes, in_chans, **options) -> nn.Module``."""
+def register_model(
+    name: str, tasks: tuple[str, ...] = ("classification", "regression")
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder ``fn(num_classes, in_chans, **options) -> nn.Module``.
+
+    Builders for detection and segmentation also receive ``image_size``.
+    """
 
     def deco(fn: ModelBuilder) -> ModelBuilder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = fn
+        _TASKS[name] = frozenset(tasks)
         return fn
 
     return deco
 
 
-def list_models() -> list[str]:
-    """Registered (built-in) model names; timm and torchvision names also resolve."""
+def list_models(task: str | None = None) -> list[str]:
+    """Registered (built-in) model names, optionally for one task.
+
+    For classification and regression, timm and torchvision names also resolve.
+    """
     _import_builtin()
-    return sorted(_MODELS)
+    return sorted(n for n in _MODELS if task is None or task in _TASKS[n])
 
 
 def _import_builtin() -> None:
-    from visiontrain.models import simple_cnn  # noqa: F401
+    from visiontrain.models import dense, simple_cnn  # noqa: F401
 
 
 def _timm(
@@ -124,6 +138,14 @@ def _refuse(opts: dict[str, Any], owner: str) -> None:
         raise ConfigError(f"{keys} set, but {owner} does not use it. Remove the key.")
 
 
+def _refuse_unknown(name: str, builder: ModelBuilder, opts: dict[str, Any]) -> None:
+    """Refuse options the builder has no parameter for (instead of a TypeError)."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    _refuse({k: v for k, v in opts.items() if k not in params}, f"model {name}")
+
+
 def _external(name: str) -> tuple[str, str] | None:
     """Resolve a name to ("timm"|"torchvision", model name), or None."""
     prefix, sep, rest = name.partition(":")
@@ -147,17 +169,40 @@ def create_model(
     num_classes: int,
     in_chans: int,
     pretrained: bool = False,
+    task: str = "classification",
+    image_size: int | None = None,
     **options: Any,
 ) -> nn.Module:
     """Build a model by name; ``None`` options are dropped so builder defaults apply."""
     _import_builtin()
     opts = {k: v for k, v in options.items() if v is not None}
     if name in _MODELS:
+        if task not in _TASKS[name]:
+            raise ConfigError(
+                f"model {name} is not a {task} model (it serves "
+                f"{', '.join(sorted(_TASKS[name]))}); for task {task} use "
+                f"{', '.join(list_models(task)) or 'a timm/torchvision name'}."
+            )
+        if task in SIZED_TASKS:
+            return _MODELS[name](
+                num_classes=num_classes,
+                in_chans=in_chans,
+                pretrained=pretrained,
+                image_size=image_size,
+                **opts,
+            )
         if pretrained:
             raise ConfigError(
                 f"model {name} has no pretrained weights; set model.pretrained=false."
             )
+        _refuse_unknown(name, _MODELS[name], opts)
         return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **opts)
+    if task in SIZED_TASKS:
+        tip = did_you_mean(name, list_models(task))
+        raise ConfigError(
+            f"unknown {task} model `model.name={name}`{tip} Choose one of "
+            f"{', '.join(list_models(task))}."
+        )
     resolved = _external(name)
     if resolved is None:
         tip = did_you_mean(name, list(_MODELS))

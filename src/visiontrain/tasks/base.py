@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
@@ -29,17 +30,26 @@ class Task:
 
     @staticmethod
     def predictions(
-        outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+        outputs: list[Any], task_state: dict[str, Any], names: list[str], top_k: int
     ) -> list[dict[str, Any]]:
         """Rows for ``predict`` from raw model outputs and the checkpoint's task state.
 
         Args:
-            outputs: the model's outputs for a batch of images.
+            outputs: the model's output for each image (:meth:`infer`, one item per image).
             task_state: :meth:`state_dict` as saved in the checkpoint.
             names: class names (classification) or target names (regression).
             top_k: how many ranked alternatives to list, where that means something.
         """
         raise NotImplementedError
+
+    def forward(self, model: nn.Module, images: torch.Tensor, target: Any) -> Any:
+        """The model's training output for a normalised batch (a detector takes targets)."""
+        return model(images)
+
+    @staticmethod
+    def infer(model: nn.Module, images: torch.Tensor) -> Any:
+        """The model's evaluation output, as :meth:`update_metrics` and ``predict`` take it."""
+        return model(images).float()
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training objective: ``{"loss": scalar, **parts}``."""
@@ -110,7 +120,12 @@ def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
 
 def task_class(name: str) -> TaskFactory:
     """The registered task class for ``task=name``."""
-    from visiontrain.tasks import classification, regression  # noqa: F401  (register themselves)
+    from visiontrain.tasks import (  # noqa: F401  (they register themselves)
+        classification,
+        detection,
+        regression,
+        segmentation,
+    )
 
     factory = _TASKS.get(name)
     if factory is None:

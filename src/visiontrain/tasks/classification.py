@@ -50,7 +50,7 @@ class ClassificationTask(Task):
 
     @staticmethod
     def predictions(  # noqa: D102
-        outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+        outputs: list[torch.Tensor], task_state: dict[str, Any], names: list[str], top_k: int
     ) -> list[dict[str, Any]]:
         return predictions(outputs, task_state, names, top_k)
 
@@ -228,10 +228,10 @@ class ClassificationTask(Task):
 
 
 def predictions(
-    outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+    outputs: list[torch.Tensor], task_state: dict[str, Any], names: list[str], top_k: int
 ) -> list[dict[str, Any]]:
     """Per-image prediction rows: the decided class, its probability and the top k."""
-    probs = probabilities(outputs.float(), task_state.get("activation", "softmax"))
+    probs = probabilities(torch.stack(outputs).float(), task_state.get("activation", "softmax"))
     chosen = decide(probs, task_state.get("threshold"))
     k = min(top_k, len(names))
     top_p, top_i = probs.topk(k, dim=1)

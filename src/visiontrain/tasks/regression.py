@@ -29,11 +29,11 @@ class RegressionTask(Task):
 
     @staticmethod
     def predictions(  # noqa: D102
-        outputs: torch.Tensor, task_state: dict[str, Any], names: list[str], top_k: int
+        outputs: list[torch.Tensor], task_state: dict[str, Any], names: list[str], top_k: int
     ) -> list[dict[str, Any]]:
         mean = torch.tensor(task_state["target_mean"])
         std = torch.tensor(task_state["target_std"])
-        values = outputs.float().cpu() * std + mean
+        values = torch.stack(outputs).float().cpu() * std + mean
         return [
             {name: round(float(v), 6) for name, v in zip(names, row, strict=True)} for row in values
         ]

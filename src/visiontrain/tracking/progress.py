@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.engine.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class ProgressPrinter(Callback):
                     highlight=False,
                 )
         elif split in ("val", "test") and self.mode != "none":
-            keys = [k for k in ("loss", "accuracy", "macro_f1") if k in record]
+            keys = [k for k in HEADLINE_ORDER if k != "threshold" and k in record][:4]
             line = "  ".join(f"{k} {record[k]:.4f}" for k in keys)
             self.console.print(
                 f"[{split}] epoch {record['epoch'] + 1}/{epochs}  {line}",

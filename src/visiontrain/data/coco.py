@@ -1,0 +1,346 @@
+"""``coco``: object detection data in the COCO JSON format.
+
+Layout under ``data.root``::
+
+    annotations/instances_train.json   required
+    annotations/instances_val.json     optional; else data.val_split of train is held out
+    annotations/instances_test.json    optional
+    <file_name> or images/<file_name>  the images
+
+Each image's ``file_name`` is looked up as ``root/<file_name>`` first and, when that file
+does not exist, as ``root/images/<file_name>``; either way the resolved path (symlinks
+followed) must stay inside ``data.root``.
+
+Category ids may be sparse (1, 3, 7): they map to contiguous 0-based class indices in
+increasing id order. Crowd annotations are skipped; boxes with no width or height, or that
+lie entirely outside their image, are dropped; boxes partly outside are clipped. The counts
+go to the bundle's notes. Every image file is checked to exist when the bundle is built
+(a stat per image); images are decoded when a sample is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visiontrain.config import DataConfig
+from visiontrain.data.images import decode_file
+from visiontrain.data.sources import DataBundle, Split, SubsetSplit, Target, register_source
+from visiontrain.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Working size when data.image_size is unset: detection needs more pixels than the 224 of
+# classification for small objects to survive the resize.
+DEFAULT_IMAGE_SIZE = 512
+SPLIT_FILES = {
+    "train": "instances_train.json",
+    "val": "instances_val.json",
+    "test": "instances_test.json",
+}
+
+
+@dataclass
+class CocoEntry:
+    """One image of a COCO split and its kept boxes."""
+
+    path: Path
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 (K, 4) xyxy pixels
+    labels: np.ndarray  # int64 (K,) 0-based class
+
+
+@dataclass
+class CocoCounts:
+    """How many annotations were skipped, dropped or changed while reading a file."""
+
+    crowd: int = 0
+    degenerate: int = 0
+    outside: int = 0
+    clipped: int = 0
+
+    def notes(self, json_path: Path) -> list[str]:
+        """One line per non-zero count, naming the file."""
+        out = []
+        if self.crowd:
+            out.append(f"{json_path.name}: skipped {self.crowd} crowd annotations (iscrowd=1)")
+        if self.degenerate:
+            out.append(
+                f"{json_path.name}: dropped {self.degenerate} boxes with zero width or height"
+            )
+        if self.outside:
+            out.append(
+                f"{json_path.name}: dropped {self.outside} boxes entirely outside their image"
+            )
+        if self.clipped:
+            out.append(f"{json_path.name}: clipped {self.clipped} boxes to their image")
+        return out
+
+
+@dataclass
+class CocoFile:
+    """The parsed contents of one annotations file."""
+
+    entries: list[CocoEntry]
+    categories: dict[int, str]  # COCO category id -> name
+    counts: CocoCounts = field(default_factory=CocoCounts)
+
+
+class CocoSplit(Split):
+    """COCO images decoded from files, with ``{"boxes", "labels", "image_id"}`` targets."""
+
+    def __init__(self, entries: list[CocoEntry]) -> None:
+        self.entries = list(entries)
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+        entry = self.entries[index]
+        image = decode_file(entry.path, 3)
+        h, w = image.shape[-2:]
+        if (w, h) != (entry.width, entry.height):
+            # The boxes are in the coordinates of the size the JSON records; on another
+            # size they would silently point at the wrong pixels.
+            raise DataError(
+                f"image {entry.path} is {w}x{h} pixels but its COCO record (id "
+                f"{entry.image_id}) says {entry.width}x{entry.height}. Fix width/height in "
+                "the annotations file or replace the image."
+            )
+        target = {
+            # Copies: a transform that flips or scales boxes in place must not touch them.
+            "boxes": torch.tensor(entry.boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(entry.labels, dtype=torch.int64),
+            "image_id": entry.image_id,
+        }
+        return image, target  # type: ignore[return-value]
+
+    def describe(self, index: int) -> str:  # noqa: D102
+        return str(self.entries[index].path)
+
+
+def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
+    """``obj[key]``, checked to exist and be of ``kind``; a DataError naming file and key."""
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise DataError(f"{path}: {where} has no {key!r} key; it is not a COCO annotations file.")
+    value = obj[key]
+    # bool is an int subclass; a true/false id or size is a mistake, not a number.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(
+            f"{path}: {where} key {key!r} is {type(value).__name__} {value!r}, expected "
+            f"{kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)}."
+        )
+    return value
+
+
+def _image_path(root: Path, file_name: str, json_path: Path, image_id: int) -> Path:
+    """Resolve ``file_name`` to an existing file inside ``root`` (root/ first, then images/)."""
+    resolved_root = root.resolve()
+    candidates = [root / file_name, root / "images" / file_name]
+    for candidate in candidates:
+        # resolve() follows symlinks, so a link inside root pointing out is caught too.
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(resolved_root):
+            raise DataError(
+                f"{json_path}: image id {image_id} has file_name {file_name!r}, which points "
+                f"outside data.root={root}. Use paths relative to data.root (or its images/ "
+                "folder), without '..', absolute paths or symlinks leading out."
+            )
+        if resolved.is_file():
+            return candidate
+    raise DataError(
+        f"{json_path}: image id {image_id}: image file {candidates[0]} does not exist (nor "
+        f"{candidates[1]}). Add the file or remove the image from the annotations."
+    )
+
+
+def read_coco(json_path: Path, root: Path, class_ids: list[int] | None = None) -> CocoFile:
+    """Parse and check one COCO annotations file; every problem names the file.
+
+    Args:
+        json_path: the ``instances_*.json`` file.
+        root: ``data.root``; image files must resolve inside it.
+        class_ids: the category ids of train, in class-index order, when reading val or
+            test (their categories must be among them); None for train.
+
+    Returns:
+        The entries (one per image, in file order) and the file's categories.
+
+    Raises:
+        DataError: unreadable or malformed JSON, a missing key, an image outside
+            ``root`` or missing, an annotation of an unknown image or category.
+    """
+    try:
+        with open(json_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read COCO annotations {json_path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{json_path}: the top level is not a JSON object; not a COCO file.")
+    images = _field(data, "images", list, "the top level", json_path)
+    annotations = _field(data, "annotations", list, "the top level", json_path)
+    raw_categories = _field(data, "categories", list, "the top level", json_path)
+
+    categories: dict[int, str] = {}
+    for n, cat in enumerate(raw_categories):
+        cid = _field(cat, "id", int, f"categories[{n}]", json_path)
+        name = _field(cat, "name", str, f"categories[{n}]", json_path)
+        if cid in categories:
+            raise DataError(f"{json_path}: category id {cid} is listed twice.")
+        categories[cid] = name
+    if class_ids is None:
+        if not categories:
+            raise DataError(f"{json_path}: 'categories' is empty; list the object classes.")
+        class_ids = sorted(categories)
+    index_of = {cid: i for i, cid in enumerate(class_ids)}
+
+    # image id -> (path, width, height), in file order.
+    records: dict[int, tuple[Path, int, int]] = {}
+    for n, img in enumerate(images):
+        where = f"images[{n}]"
+        image_id = _field(img, "id", int, where, json_path)
+        file_name = _field(img, "file_name", str, where, json_path)
+        width = _field(img, "width", int, where, json_path)
+        height = _field(img, "height", int, where, json_path)
+        if width <= 0 or height <= 0:
+            raise DataError(f"{json_path}: image id {image_id} has size {width}x{height}.")
+        if image_id in records:
+            raise DataError(f"{json_path}: image id {image_id} is listed twice.")
+        records[image_id] = (_image_path(root, file_name, json_path, image_id), width, height)
+
+    counts = CocoCounts()
+    boxes: dict[int, list[list[float]]] = {i: [] for i in records}
+    labels: dict[int, list[int]] = {i: [] for i in records}
+    for n, ann in enumerate(annotations):
+        ann_id = ann.get("id", f"#{n}") if isinstance(ann, Mapping) else f"#{n}"
+        where = f"annotation {ann_id}"
+        image_id = _field(ann, "image_id", int, where, json_path)
+        category_id = _field(ann, "category_id", int, where, json_path)
+        bbox = _field(ann, "bbox", list, where, json_path)
+        if image_id not in records:
+            raise DataError(
+                f"{json_path}: annotation {ann_id} refers to image_id {image_id}, which is not "
+                "in 'images'. Add the image or remove the annotation."
+            )
+        if category_id not in index_of:
+            known = ", ".join(map(str, class_ids))
+            raise DataError(
+                f"{json_path}: annotation {ann_id} has category_id {category_id}, which is not "
+                f"a known category (ids {known}). Add it to 'categories' (of the train file) or "
+                "fix the annotation."
+            )
+        if ann.get("iscrowd", 0):
+            counts.crowd += 1
+            continue
+        if len(bbox) != 4 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in bbox
+        ):
+            raise DataError(
+                f"{json_path}: annotation {ann_id} has bbox {bbox!r}; expected [x, y, w, h]."
+            )
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            counts.degenerate += 1
+            continue
+        _, width, height = records[image_id]
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+        if x2 <= x1 or y2 <= y1:
+            counts.outside += 1
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            counts.clipped += 1
+        boxes[image_id].append([x1, y1, x2, y2])
+        labels[image_id].append(index_of[category_id])
+    entries = [
+        CocoEntry(
+            path=path,
+            image_id=image_id,
+            width=width,
+            height=height,
+            boxes=np.asarray(boxes[image_id], np.float32).reshape(-1, 4),
+            labels=np.asarray(labels[image_id], np.int64),
+        )
+        for image_id, (path, width, height) in records.items()
+    ]
+    return CocoFile(entries, categories, counts)
+
+
+def _check_categories(path: Path, own: dict[int, str], train: dict[int, str]) -> None:
+    """Val and test must name their categories as train does (ids are the shared key)."""
+    for cid, name in own.items():
+        if train.get(cid, name) != name:
+            raise DataError(
+                f"{path}: category id {cid} is {name!r} but {train[cid]!r} in the train "
+                "annotations; every split must use the train file's categories."
+            )
+
+
+@register_source("coco", uses=("root", "on_error", "augment", "val_split"), tasks=("detection",))
+def build_coco(cfg: DataConfig, task: str) -> DataBundle:
+    """Build detection splits from COCO annotation files under ``data.root``."""
+    if cfg.root is None:
+        raise DataError(
+            "data.name=coco needs data.root: a folder with annotations/instances_train.json "
+            "(optionally instances_val.json, instances_test.json) and the images. "
+            "Pass data.root=PATH."
+        )
+    root = Path(cfg.root).expanduser()
+    ann_dir = root / "annotations"
+    train_json = ann_dir / SPLIT_FILES["train"]
+    if not train_json.is_file():
+        raise DataError(
+            f"data.root={root} has no annotations/{SPLIT_FILES['train']}. Put the COCO "
+            "training annotations there (and optionally instances_val.json, "
+            "instances_test.json)."
+        )
+    parsed = read_coco(train_json, root)
+    class_ids = sorted(parsed.categories)
+    class_names = [parsed.categories[c] for c in class_ids]
+    notes = parsed.counts.notes(train_json)
+    train: Split = CocoSplit(parsed.entries)
+
+    def optional(split: str) -> CocoSplit | None:
+        path = ann_dir / SPLIT_FILES[split]
+        if not path.is_file():
+            return None
+        other = read_coco(path, root, class_ids)
+        _check_categories(path, other.categories, parsed.categories)
+        notes.extend(other.counts.notes(path))
+        return CocoSplit(other.entries)
+
+    val: Split | None = optional("val")
+    if val is None:
+        n = len(train)
+        order = np.random.default_rng(cfg.split_seed).permutation(n)
+        # At least one image each way when there are two or more; the empty-split check of
+        # build_data names a one-image train set.
+        n_val = min(max(round(n * cfg.val_split), 1), n - 1) if n > 1 else 0
+        val = SubsetSplit(train, np.sort(order[:n_val]))
+        train = SubsetSplit(train, np.sort(order[n_val:]))
+        notes.append(
+            f"no annotations/{SPLIT_FILES['val']}: held out {n_val} training images "
+            "(data.val_split)"
+        )
+    return DataBundle(
+        train=train,
+        val=val,
+        test=optional("test"),
+        class_names=class_names,
+        in_channels=3,
+        image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        same_size=False,
+        notes=notes,
+    )
