@@ -140,6 +140,13 @@ def test_predict_detection_json_and_drawn_images(cli, tmp_path):
     assert drawn.size == (80, 50)
     bad = cli("predict", res.run_dir, img, "--top-k", "3")
     assert bad.code == 2 and "--top-k" in bad.err
+    ev = cli("eval", res.run_dir, "--coco-results", tmp_path / "results.json", "--format", "json")
+    assert ev.code == 0, ev.err
+    metrics = json.loads(ev.out[ev.out.index("{") :])
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    assert metrics["map"] == pytest.approx(summary["metrics"]["test"]["map"], nan_ok=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} <= r.keys() for r in results)
 
 
 def test_predict_segmentation_writes_masks(cli, tmp_path):

@@ -151,7 +151,7 @@ def test_predict_applies_the_saved_threshold(threshold_run, tmp_path, cli):
         Image.fromarray(g.integers(0, 255, (16, 16), dtype=np.uint8)).save(p)
         paths.append(p)
     loaded = load_trained(threshold_run)
-    p1 = torch.softmax(predict_outputs(loaded, paths), dim=1)[:, 1]
+    p1 = torch.softmax(torch.stack(predict_outputs(loaded, paths)), dim=1)[:, 1]
     t = loaded.state["task_state"]["threshold"]
     res = cli("predict", threshold_run, tmp_path, "--format", "json")
     assert res.code == 0

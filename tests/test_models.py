@@ -11,7 +11,7 @@ def test_duplicate_registration_raises():
         register_model("simple_cnn")(lambda **kw: None)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 @pytest.mark.parametrize("norm", ["batch", "layer", "group", "none"])
 def test_builtin_models_forward(name, norm):
     model = create_model(name, num_classes=3, in_chans=1, width=4, depth=2, norm=norm)

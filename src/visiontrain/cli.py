@@ -108,6 +108,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from visiontrain.data import build_data
     from visiontrain.engine.build import build_loaders
     from visiontrain.engine.precision import Precision
+    from visiontrain.engine.trainer import to_device
     from visiontrain.inference import load_trained
     from visiontrain.tasks import build_task
 
@@ -130,6 +131,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     precision = Precision(cfg.train.precision, loaded.device)
     import torch
 
+    if args.coco_results and task.name != "detection":
+        raise UserError(f"--coco-results writes detections; {args.target} is a {task.name} model.")
     task.reset_metrics()
     with torch.inference_mode():
         for batch in loader:
@@ -137,9 +140,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                 continue
             x = loaded.normalizer(batch["image"].to(loaded.device))
             with precision.autocast():
-                out = loaded.model(x)
-            task.update_metrics(out.float(), batch["target"].to(loaded.device))
+                out = task.infer(loaded.model, x)
+            task.update_metrics(out, to_device(batch["target"], loaded.device))
     metrics = task.compute_metrics()
+    if args.coco_results:
+        from visiontrain.io import atomic_write_json
+
+        atomic_write_json(Path(args.coco_results), task.coco_results())
+        console.print(f"COCO results JSON written to {args.coco_results}", highlight=False)
     if args.format == "json":
         print(json.dumps(metrics, indent=2))
     else:
@@ -301,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--coco-results",
+        metavar="FILE",
+        help="detection: also write the split's detections as a COCO results JSON",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

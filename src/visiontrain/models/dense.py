@@ -205,3 +205,48 @@ def _torchvision_segmenter(name: str):
 
 for _name in TORCHVISION_SEGMENTERS:
     register_model(_name, tasks=("segmentation",))(_torchvision_segmenter(_name))
+
+
+@register_model("fasterrcnn_tiny", tasks=("detection",))
+def fasterrcnn_tiny(
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool,
+    image_size: int | None,
+    width: int = 32,
+    **opts: Any,
+) -> nn.Module:
+    """Faster R-CNN (torchvision's) on :class:`TinyBackbone`, with CPU-sized sampling.
+
+    Fewer proposals (300 before NMS, 150 after in training) and 64 sampled RoIs per image
+    instead of 2000/2000/512: the RoI head's fully connected layers dominate the step
+    otherwise, and small scenes hold a handful of objects.
+    """
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    _no_options("fasterrcnn_tiny", opts)
+    _three_channels("fasterrcnn_tiny", in_chans)
+    if pretrained:
+        raise ConfigError(
+            "model fasterrcnn_tiny has no pretrained weights; set model.pretrained=false."
+        )
+    size = image_size or 128
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    return FasterRCNN(
+        TinyBackbone(width),
+        num_classes=num_classes + 1,
+        min_size=size,
+        max_size=size,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2),
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=150,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=150,
+        rpn_batch_size_per_image=64,
+        box_batch_size_per_image=64,
+    )
