@@ -55,10 +55,11 @@ def test_trains_from_the_cli_with_metrics_and_checkpoints(cli, tmp_path, args, h
         assert {"loss_classification", "loss_bbox_regression", "loss_bbox_ctrness"} <= set(steps[0])
 
 
-def test_detection_resume_equals_uninterrupted(cli, tmp_path):
+@pytest.mark.parametrize("task_args", [DET, SEG], ids=["detection", "segmentation"])
+def test_resume_equals_uninterrupted(cli, tmp_path, task_args):
     # A schedule that does not depend on train.epochs, so 1 + 1 epochs is 2 epochs.
     common = [
-        *DET,
+        *task_args,
         "train.deterministic=true",
         "data.augment=standard",
         "schedule.name=step",
