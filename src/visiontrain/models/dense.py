@@ -44,34 +44,37 @@ def _three_channels(name: str, in_chans: int) -> None:
         raise ConfigError(f"model {name} takes RGB images; the data has {in_chans} channels.")
 
 
-def _torchvision_detector(name: str):
+def _torchvision_builder(task: str, name: str):
+    """A builder for a torchvision detector or segmenter, without pretrained weights."""
+
     def build(
         num_classes: int, in_chans: int, pretrained: bool, image_size: int | None, **opts: Any
     ) -> nn.Module:
-        from torchvision.models import detection
+        from torchvision.models import detection, segmentation
 
         _no_options(name, opts)
         _three_channels(name, in_chans)
-        size = image_size or 320
         kwargs: dict[str, Any] = {
             "weights": None,
             "weights_backbone": "DEFAULT" if pretrained else None,
-            "num_classes": num_classes + 1,
-            "image_mean": [0.0, 0.0, 0.0],
-            "image_std": [1.0, 1.0, 1.0],
         }
-        if name.startswith("ssd"):
-            # SSD's size is fixed by its builder; its transform resizes to 320 x 320.
-            pass
-        else:
-            kwargs.update(min_size=size, max_size=size)
+        if task == "segmentation":
+            return _OutOnly(getattr(segmentation, name)(num_classes=num_classes, **kwargs))
+        kwargs.update(
+            num_classes=num_classes + 1,
+            image_mean=[0.0, 0.0, 0.0],
+            image_std=[1.0, 1.0, 1.0],
+        )
+        if not name.startswith("ssd"):
+            # SSD's input size is fixed by its builder (320); the others take the data's.
+            kwargs.update(min_size=image_size or 320, max_size=image_size or 320)
         return getattr(detection, name)(**kwargs)
 
     return build
 
 
 for _name in TORCHVISION_DETECTORS:
-    register_model(_name, tasks=("detection",))(_torchvision_detector(_name))
+    register_model(_name, tasks=("detection",))(_torchvision_builder("detection", _name))
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -185,26 +188,8 @@ class _OutOnly(nn.Module):
         return self.model(x)["out"]
 
 
-def _torchvision_segmenter(name: str):
-    def build(
-        num_classes: int, in_chans: int, pretrained: bool, image_size: int | None, **opts: Any
-    ) -> nn.Module:
-        from torchvision.models import segmentation
-
-        _no_options(name, opts)
-        _three_channels(name, in_chans)
-        model = getattr(segmentation, name)(
-            weights=None,
-            weights_backbone="DEFAULT" if pretrained else None,
-            num_classes=num_classes,
-        )
-        return _OutOnly(model)
-
-    return build
-
-
 for _name in TORCHVISION_SEGMENTERS:
-    register_model(_name, tasks=("segmentation",))(_torchvision_segmenter(_name))
+    register_model(_name, tasks=("segmentation",))(_torchvision_builder("segmentation", _name))
 
 
 @register_model("fasterrcnn_tiny", tasks=("detection",))
