@@ -76,7 +76,12 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from visiontrain.engine.signals import graceful_stop
 
     path, overrides = _split_config(args.items)
-    cfg = load_config(path, overrides)
+    if args.from_file:
+        from visiontrain.tune import config_from_best
+
+        cfg = config_from_best(path, overrides, args.from_file)
+    else:
+        cfg = load_config(path, overrides)
     if args.check:
         build_trainer(cfg, console, check_only=True)
         console.print("config OK: data, model, optimizer and schedule build.", highlight=False)
@@ -297,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check", action="store_true", help="validate config, data and model; do not train"
     )
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="apply the overrides of a `visiontrain tune` best.json on top of CONFIG "
+        "(key=value on the command line still win)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -343,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     from visiontrain.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from visiontrain.tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
+    from visiontrain.engine.lr_find import add_parser as add_lr_find_parser
+
+    add_lr_find_parser(sub)
     return parser
 
 

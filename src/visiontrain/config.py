@@ -55,6 +55,8 @@ class DataConfig(_Section):
     train_size: int | None = Field(None, ge=1)
     val_size: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
+    # A fixed stratified share of the training split (tune trials train on a fraction).
+    train_fraction: float | None = Field(None, gt=0.0, le=1.0)
     defect_rate: float | None = Field(None, gt=0.0, lt=1.0)
     defect_classes: Literal["binary", "types"] | None = None
 
@@ -124,13 +126,33 @@ class OptimConfig(_Section):
     """The optimizer and its parameter groups."""
 
     name: str = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    # `find`: `visiontrain train` runs the LR range test first and trains with its suggestion.
+    lr: float | Literal["find"] = 1e-3
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     momentum: float | None = Field(None, ge=0.0, lt=1.0)
     nesterov: bool | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = Field(None, gt=0.0, le=1.0)
     decay_norm_bias: bool = False
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number_or_find(cls, value: Any) -> Any:
+        # Checked before pydantic's union dispatch so that an error names `optim.lr` itself,
+        # not a union branch, and says both forms the key accepts.
+        if isinstance(value, str) and value.strip().lower() == "find":
+            return "find"
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError("use a number in (0, 10] such as 3e-4, or `find` to run the LR test")
+        if not 0.0 < number <= 10.0:
+            raise ValueError("the learning rate must be in (0, 10], or `find` to run the LR test")
+        return float(number)
 
 
 class ScheduleConfig(_Section):
@@ -211,6 +233,101 @@ class RunConfig(_Section):
     save_every_steps: int | None = Field(None, ge=1)
 
 
+# How a `tune.space` entry samples a value: the one key names the distribution.
+SPACE_KINDS = ("log_uniform", "uniform", "int", "choice")
+# Keys a search may not sample: tune sets them for every trial itself (epochs, fraction,
+# progress, run folder), or they change what the score means (task, monitor).
+TUNE_RESERVED = (
+    "task",
+    "train.epochs",
+    "train.progress",
+    "train.monitor",
+    "train.monitor_mode",
+    "data.train_fraction",
+    "run.",
+    "tune.",
+)
+
+
+class TuneConfig(_Section):
+    """The hyperparameter search of ``visiontrain tune``; ``train`` does not read it."""
+
+    space: dict[str, dict[str, list[Any]]] = {}
+    sampler: Literal["random", "tpe"] = "random"
+    trials: int = Field(8, ge=1, le=100_000)
+    epochs: int = Field(3, ge=1, le=100_000)
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    pruner: Literal["none", "median", "asha"] = "asha"
+    storage: str | None = None
+    study: str | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(
+        cls, space: dict[str, dict[str, list[Any]]]
+    ) -> dict[str, dict[str, list[Any]]]:
+        keys = all_keys()
+        sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+        for key, spec in space.items():
+            if key not in keys:
+                hint = suggest_key(key)
+                tip = f" — did you mean `{hint}`?" if hint else ""
+                raise ValueError(f"unknown key `{key}` in tune.space{tip}")
+            if key in sections:
+                raise ValueError(f"`{key}` is a section; search one of its keys such as `{key}.*`")
+            if any(key == r or (r.endswith(".") and key.startswith(r)) for r in TUNE_RESERVED):
+                raise ValueError(
+                    f"`{key}` cannot be searched: tune sets it for every trial (or it would "
+                    "change what the score means); use tune.epochs / tune.data_fraction"
+                )
+            space[key] = _check_spec(key, spec)
+        return space
+
+
+def _check_spec(key: str, spec: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Check one distribution and return it with numeric bounds as numbers.
+
+    Raises:
+        ValueError: not exactly one of :data:`SPACE_KINDS`, or bounds that are not numbers,
+            not ordered, or not positive for a log scale.
+
+    """
+    form = "{log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]} or {choice: [a, b]}"
+    if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+        raise ValueError(f"tune.space `{key}` = {spec}: write one of {form}")
+    kind, values = next(iter(spec.items()))
+    if kind == "choice":
+        if not values or any(isinstance(v, list | dict) for v in values):
+            raise ValueError(f"tune.space `{key}`: choice needs a list of plain values")
+        return spec
+    if isinstance(values, list):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; a bound is a number either way.
+        values = [_as_number(v) for v in values]
+    numbers = isinstance(values, list) and len(values) == 2
+    if not numbers or any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise ValueError(f"tune.space `{key}`: {kind} needs two numbers [lo, hi], got {values}")
+    lo, hi = values
+    if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ValueError(f"tune.space `{key}`: int bounds must be whole numbers, got {values}")
+    if not lo < hi:
+        raise ValueError(f"tune.space `{key}`: lo must be below hi, got {values}")
+    if kind == "log_uniform" and lo <= 0:
+        raise ValueError(f"tune.space `{key}`: log_uniform needs positive bounds, got {values}")
+    if kind == "int":
+        return {kind: [int(lo), int(hi)]}
+    return {kind: [float(lo), float(hi)]}
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
@@ -222,6 +339,8 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+    # Read by `visiontrain tune` only; `train` accepts it so that one YAML serves both.
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _task_defaults(self) -> Config:
@@ -307,6 +426,23 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             )
         node = child
     node[parts[-1]] = value
+
+
+def set_values(tree: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config tree with typed values set at dotted keys.
+
+    Args:
+        tree: raw config tree (as read from YAML).
+        values: dotted key → value (a sampled hyperparameter, a best.json override).
+
+    Returns:
+        The new tree; ``tree`` itself is not changed.
+
+    """
+    out = _deep_copy(dict(tree))
+    for key, value in values.items():
+        _set_dotted(out, key, value)
+    return out
 
 
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:

@@ -216,7 +216,15 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
             f"{', '.join(sorted(entry.tasks))}). For task {task} use data.name= one of "
             f"{', '.join(fits) or '(none yet)'}."
         )
-    always = {"image_size", "pin_memory", "train_size", "val_size", "test_size", "epoch_samples"}
+    always = {
+        "image_size",
+        "pin_memory",
+        "train_size",
+        "val_size",
+        "test_size",
+        "epoch_samples",
+        "train_fraction",
+    }
     refuse_unused(cfg, "data", entry.uses | always, f"data source {cfg.name}")
     bundle = entry.build(cfg, task)
     if not entry.generates:
@@ -224,6 +232,8 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
         bundle.val = cap_split(bundle.val, cfg.val_size, cfg.split_seed + 1)
         if bundle.test is not None:
             bundle.test = cap_split(bundle.test, cfg.test_size, cfg.split_seed + 2)
+    # After the cap, so that a fraction of a capped source is a fraction of what trains.
+    bundle.train = fraction_split(bundle.train, cfg.train_fraction, cfg.split_seed + 3)
     for name, split in (("train", bundle.train), ("val", bundle.val)):
         if len(split) == 0:
             raise DataError(f"the {name} split of data source {cfg.name} is empty.")
@@ -236,6 +246,32 @@ def cap_split(split: Split, size: int | None, seed: int) -> Split:
         return split
     rng = np.random.default_rng(seed)
     return SubsetSplit(split, np.sort(rng.choice(len(split), size=size, replace=False)))
+
+
+def fraction_split(split: Split, fraction: float | None, seed: int) -> Split:
+    """A fixed subset holding ``fraction`` of a split: per class for class labels, else random.
+
+    Args:
+        split: the training split.
+        fraction: share to keep, in (0, 1]; None or 1 keeps the split as it is.
+        seed: seed of the draw (``data.split_seed`` based, so every run draws the same).
+
+    Returns:
+        The subset; every class with two or more samples keeps at least one, so a small
+        fraction still trains on each class.
+
+    """
+    if fraction is None or fraction >= 1.0:
+        return split
+    labels = split.labels
+    if labels is not None and labels.ndim == 1:
+        # The held-out part of a stratified split is exactly the per-class share we want.
+        _, keep = stratified_split(labels, fraction, seed)
+        return SubsetSplit(split, keep)
+    n = len(split)
+    size = max(1, round(n * fraction))
+    rng = np.random.default_rng(seed)
+    return SubsetSplit(split, np.sort(rng.choice(n, size=size, replace=False)))
 
 
 def stratified_split(

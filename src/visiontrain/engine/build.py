@@ -17,11 +17,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from visiontrain.config import Config
+from visiontrain.config import Config, OptimConfig
 from visiontrain.data import DataBundle, build_data
 from visiontrain.data.loaders import build_loader, check_sampler
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
+from visiontrain.engine.lr_find import resolve_lr_find, write_lr_find
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, build_schedule
@@ -152,11 +153,36 @@ def check_monitor(cfg: Config, task: Task) -> None:
         )
 
 
-def build_trainer(
-    cfg: Config, console: Console, stop_flag: StopFlag | None = None, check_only: bool = False
-) -> Trainer | None:
-    """Build everything for ``visiontrain train``; with ``check_only`` stop before writing."""
-    plan = plan_run(cfg)
+# The range test sets the LR of every group itself, so until `optim.lr=find` is resolved the
+# optimizer (and a --check schedule) are built with this stand-in, which nothing trains with.
+LR_FIND_STAND_IN = 1e-3
+
+
+def buildable_optim(cfg: OptimConfig) -> OptimConfig:
+    """``cfg`` itself, or a copy with the stand-in number while ``lr`` is still ``find``."""
+    if cfg.lr != "find":
+        return cfg
+    return cfg.model_copy(update={"lr": LR_FIND_STAND_IN})
+
+
+@dataclass
+class Parts:
+    """What a run trains with, built from the config before any run directory exists."""
+
+    device: torch.device
+    bundle: DataBundle
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loaders: Loaders
+
+
+def build_parts(cfg: Config) -> Parts:
+    """Seed, then build data, task, model, optimizer and loaders (no schedule, nothing written).
+
+    Shared by ``train`` and ``lr-find`` so that both see the same initial weights and the
+    same batches for the same config.
+    """
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -167,17 +193,45 @@ def build_trainer(
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
     model = build_model(cfg, bundle, device)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(buildable_optim(cfg.optim), model)
     loaders = build_loaders(cfg, bundle, device)
+    return Parts(device, bundle, task, model, optimizer, loaders)
+
+
+def build_trainer(
+    cfg: Config, console: Console, stop_flag: StopFlag | None = None, check_only: bool = False
+) -> Trainer | None:
+    """Build everything for ``visiontrain train``; with ``check_only`` stop before writing.
+
+    With ``optim.lr=find`` the LR range test runs on the built parts (not with
+    ``check_only``), ``cfg.optim.lr`` becomes its suggestion, and the test's
+    ``lr_find.json``/``lr_find.png`` go into the run directory.
+    """
+    plan = plan_run(cfg)
+    if cfg.optim.lr == "find" and plan.resume_from is not None:
+        raise ConfigError(
+            f"optim.lr=find with a resumed run ({plan.resume_from}): the run's learning rate "
+            "is already fixed. Pass the number from its config.yaml as optim.lr."
+        )
+    parts = build_parts(cfg)
+    device, bundle, task, model = parts.device, parts.bundle, parts.task, parts.model
+    optimizer, loaders = parts.optimizer, parts.loaders
     horizon = Horizon(
         epochs=cfg.train.epochs,
         updates_per_epoch=math.ceil(len(loaders.train.batch_sampler) / cfg.train.accumulate),
     )
-    schedule = build_schedule(optimizer, cfg.schedule, cfg.optim, horizon)
+    schedule = build_schedule(optimizer, cfg.schedule, buildable_optim(cfg.optim), horizon)
     precision = Precision(cfg.train.precision, device)
     resume_state = load_checkpoint(plan.resume_from) if plan.resume_from else None
     if check_only:
         return None
+    lr_test = None
+    if cfg.optim.lr == "find":
+        # Everything above was checked with a stand-in LR; measure the real one, then build
+        # the optimizer and schedule the run trains with from it.
+        lr_test = resolve_lr_find(cfg, parts, console)
+        optimizer = parts.optimizer
+        schedule = build_schedule(optimizer, cfg.schedule, cfg.optim, horizon)
 
     run_dir = plan.run_dir
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -228,6 +282,8 @@ def build_trainer(
         )
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     atomic_write_json(run_dir / "env.json", environment(device))
+    if lr_test is not None:
+        write_lr_find(lr_test, run_dir)
     for note in [*bundle.notes, *task.describe()]:
         console.print(f"note: {note}", highlight=False)
     return trainer
