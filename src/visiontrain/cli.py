@@ -361,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     from visiontrain.engine.lr_find import add_parser as add_lr_find_parser
 
     add_lr_find_parser(sub)
+    from visiontrain.doctor import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub)
+    from visiontrain.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    from visiontrain.explain import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
     return parser
 
 

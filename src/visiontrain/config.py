@@ -39,7 +39,8 @@ class DataConfig(_Section):
     root: str | None = None
     image_size: int | None = Field(None, ge=8, le=4096)
     batch_size: int = Field(64, ge=1, le=65536)
-    num_workers: int = Field(0, ge=0, le=128)
+    # `auto`: a short loader measurement at build time picks the count (visiontrain.bench).
+    num_workers: int | Literal["auto"] = 0
     pin_memory: bool | None = None
     prefetch_factor: int = Field(2, ge=1, le=64)
     persistent_workers: bool = True
@@ -59,6 +60,22 @@ class DataConfig(_Section):
     train_fraction: float | None = Field(None, gt=0.0, le=1.0)
     defect_rate: float | None = Field(None, gt=0.0, lt=1.0)
     defect_classes: Literal["binary", "types"] | None = None
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers_count_or_auto(cls, value: Any) -> Any:
+        # Checked before pydantic's union dispatch so that the error names the key itself
+        # and says both forms it accepts (`auto5` would otherwise read as two union misses).
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                "use an integer from 0 to 128 such as 2, or `auto` to measure the loader "
+                "and pick the fastest count"
+            )
+        if not 0 <= value <= 128:
+            raise ValueError("use an integer from 0 to 128, or `auto` to measure and pick")
+        return value
 
 
 class ModelConfig(_Section):

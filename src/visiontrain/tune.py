@@ -296,14 +296,21 @@ def make_sampler(name: str, seed: int, trials: int) -> BaseSampler:
     return _PerTrialSeed(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """``none``, ``median`` or ``asha`` (asynchronous successive halving)."""
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """``none``, ``median`` or ``asha`` (asynchronous successive halving).
+
+    Nothing is pruned before half of a trial's epochs: on imbalanced data every trial
+    scores the same after one epoch (all "ok": macro F1 0.49 on defects), and pruning on
+    that number threw away six of eight trials in a measured 4-epoch study.
+    """
+    warmup = max(1, epochs // 2)
     if name == "median":
         # Optuna's default waits for 5 finished trials: most of a small budget.
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        # Steps are epochs done (1-based), so steps up to `warmup` are never pruned.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
     if name == "asha":
-        # Epochs are the resource; rungs at 1, 3, 9 ... epochs keep a third at each.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        # Epochs are the resource; rungs at warmup, 3x warmup ... keep a third at each.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -340,7 +347,7 @@ def open_study(search: Search) -> optuna.Study:
                 load_if_exists=True,
                 direction=search.direction,
                 sampler=make_sampler(t.sampler, t.seed, t.trials),
-                pruner=make_pruner(t.pruner),
+                pruner=make_pruner(t.pruner, t.epochs),
             )
             break
         except SQLAlchemyError as exc:

@@ -236,6 +236,12 @@ def build_loader(
         num_samples=num_samples,
     )
     workers = cfg.num_workers
+    if not isinstance(workers, int):
+        # `auto` is measured by engine.build.build_loaders, which builds through here.
+        raise ConfigError(
+            "data.num_workers=auto must be resolved before a loader is built; build loaders "
+            "with visiontrain.engine.build.build_loaders, or pass an integer."
+        )
     return EpochLoader(
         dataset,
         batch_sampler=sampler,

@@ -127,8 +127,18 @@ def plan_run(cfg: Config) -> RunPlan:
     return RunPlan(run_dir, path)
 
 
+def resolve_auto_workers(cfg: Config, bundle: DataBundle, device: torch.device) -> None:
+    """Replace ``data.num_workers=auto`` in ``cfg`` by a measured count; note the choice."""
+    from visiontrain.bench import resolve_num_workers  # bench builds loaders: import late
+
+    note = resolve_num_workers(cfg, bundle, device)
+    if note is not None:
+        bundle.notes.append(note)
+
+
 def build_loaders(cfg: Config, bundle: DataBundle, device: torch.device) -> Loaders:
-    """Train, val and test loaders with the run's seed."""
+    """Train, val and test loaders with the run's seed (``num_workers=auto`` resolved first)."""
+    resolve_auto_workers(cfg, bundle, device)
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
     kw: dict[str, Any] = {"seed": cfg.train.seed, "pin_memory": pin, "task": cfg.task}
     return Loaders(
@@ -186,10 +196,16 @@ def build_parts(cfg: Config) -> Parts:
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    set_cpu_threads(device, cfg.data.num_workers)
+    if cfg.data.num_workers != "auto":
+        set_cpu_threads(device, cfg.data.num_workers)
     task_class(cfg.task)  # an unknown task is named before any data is read
     check_sampler(cfg.data, cfg.task)
     bundle = build_data(cfg.data, cfg.task)
+    if cfg.data.num_workers == "auto":
+        # Resolved once, here: everything after this (threads, loaders, config.yaml, the
+        # checkpoint's config) sees the measured integer.
+        resolve_auto_workers(cfg, bundle, device)
+        set_cpu_threads(device, cfg.data.num_workers)
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
     model = build_model(cfg, bundle, device)

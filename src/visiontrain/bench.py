@@ -1,0 +1,593 @@
+"""Measure the configured data loader and mixed precision, and pick settings from the numbers.
+
+* ``visiontrain bench loader`` times the run's real training loader (:func:`build_loader`
+  with its transforms and collate) over worker counts, pinning and prefetch depth, and
+  recommends the fastest setting, preferring fewer workers when within 5% of the best.
+* ``visiontrain bench amp`` times one optimizer step of the real model through the task's
+  ``forward``/``loss`` at precision 32, bf16 and fp16; on CUDA also the peak memory and
+  the largest batch that fits.
+* ``data.num_workers=auto`` (:func:`resolve_num_workers`) runs a short version of the
+  loader measurement at build time and writes the chosen integer into the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from visiontrain.config import Config
+from visiontrain.data.loaders import build_loader
+from visiontrain.data.sources import DataBundle
+from visiontrain.errors import EXIT_OK, ConfigError, UserError
+from visiontrain.io import atomic_write, atomic_write_json
+
+WORKER_CANDIDATES = (0, 2, 4, 8)
+AUTO_WORKER_CANDIDATES = (0, 2, 4)
+PREFETCH_CANDIDATES = (2, 4)
+DEFAULT_BATCHES = 30
+WARMUP_BATCHES = 3
+AUTO_BATCHES = 8
+AUTO_WARMUP_BATCHES = 2
+# Settings within this share of the best throughput count as equally fast; the one with
+# fewer workers then wins, since every worker costs a process, memory and a CPU core.
+WITHIN = 0.05
+DEFAULT_STEPS = 20
+AMP_WARMUP_STEPS = 3
+PRECISIONS = ("32", "bf16", "fp16")
+# The batch-size search doubles up to this; beyond it the answer stops guiding a choice
+# and the search itself would take minutes.
+MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class LoaderSetting:
+    """One point of the loader sweep."""
+
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None  # None: no workers, so nothing is prefetched
+
+    def label(self) -> str:
+        """Short text for tables and plots, e.g. ``workers=2 pin=off prefetch=4``."""
+        text = f"workers={self.num_workers} pin={'on' if self.pin_memory else 'off'}"
+        return text if self.prefetch_factor is None else f"{text} prefetch={self.prefetch_factor}"
+
+
+def cap_workers(candidates: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Split worker counts into those up to ``os.cpu_count()`` and those above it.
+
+    More workers than cores only time-slice the same cores, so they are not measured.
+    """
+    cpus = os.cpu_count() or 1
+    return [w for w in candidates if w <= cpus], [w for w in candidates if w > cpus]
+
+
+def loader_grid(candidates: tuple[int, ...], cuda: bool) -> tuple[list[LoaderSetting], list[int]]:
+    """The settings to measure and the worker counts skipped for exceeding the CPU count.
+
+    Args:
+        candidates: worker counts to try.
+        cuda: whether batches go to a CUDA device.
+
+    Returns:
+        The settings, and the worker counts above ``os.cpu_count()``.
+    """
+    workers, skipped = cap_workers(candidates)
+    # Pinning only speeds up host-to-GPU copies; on CPU there is nothing to measure.
+    pins = (False, True) if cuda else (False,)
+    settings = [
+        LoaderSetting(w, pin, pf)
+        for w in workers
+        for pin in pins
+        for pf in (PREFETCH_CANDIDATES if w > 0 else (None,))
+    ]
+    return settings, skipped
+
+
+def _shutdown(loader: torch.utils.data.DataLoader) -> None:
+    # Persistent workers would otherwise live until garbage collection, competing for the
+    # CPU with the next setting's measurement (or with the run that follows `auto`).
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+        loader._iterator = None
+
+
+def measure_loader(
+    cfg: Config,
+    bundle: DataBundle,
+    device: torch.device,
+    setting: LoaderSetting,
+    batches: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """Throughput of the configured training loader at one setting.
+
+    The loader is the one ``train`` builds, with the setting's workers, pinning and
+    prefetch depth. Epochs repeat when the split has fewer batches than asked for. On
+    CUDA each batch's images are also copied to the device (``non_blocking``), because
+    that copy is what pinned memory speeds up.
+
+    Args:
+        cfg: the resolved config.
+        bundle: its data.
+        device: where batches go.
+        setting: the loader setting.
+        batches: batches timed after the warm-up.
+        warmup: batches read first and not timed (worker start-up, first-touch costs).
+
+    Returns:
+        The setting plus ``batches``, ``images``, ``seconds``, ``batches_per_s`` and
+        ``images_per_s``.
+    """
+    # engine.build imports the whole training stack; the CLI imports this module to
+    # register `bench`, so the import waits until a measurement runs.
+    from visiontrain.engine.build import set_cpu_threads
+
+    update: dict[str, Any] = {"num_workers": setting.num_workers}
+    if setting.prefetch_factor is not None:
+        update["prefetch_factor"] = setting.prefetch_factor
+    data_cfg = cfg.data.model_copy(update=update)
+    loader = build_loader(
+        bundle.train,
+        bundle,
+        data_cfg,
+        train=True,
+        seed=cfg.train.seed,
+        pin_memory=setting.pin_memory,
+        task=cfg.task,
+    )
+    if len(loader.batch_sampler) == 0:
+        raise UserError(
+            f"the training split ({len(bundle.train)} images) holds no full batch of "
+            f"data.batch_size={cfg.data.batch_size}; lower data.batch_size to measure the loader."
+        )
+    set_cpu_threads(device, setting.num_workers)  # as `train` would run with this setting
+    seen = images = 0
+    start = time.perf_counter()
+    epoch = 0
+    try:
+        while seen < warmup + batches:
+            loader.batch_sampler.set_epoch(epoch)
+            for batch in loader:
+                image = batch["image"]
+                if image is not None:
+                    if device.type == "cuda":
+                        image.to(device, non_blocking=True)
+                    if seen >= warmup:
+                        images += len(image)
+                seen += 1
+                if seen == warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                if seen >= warmup + batches:
+                    break
+            epoch += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        _shutdown(loader)
+    return {
+        "num_workers": setting.num_workers,
+        "pin_memory": setting.pin_memory,
+        "prefetch_factor": setting.prefetch_factor,
+        "label": setting.label(),
+        "batches": batches,
+        "images": images,
+        "seconds": round(seconds, 6),
+        "batches_per_s": round(batches / seconds, 3),
+        "images_per_s": round(images / seconds, 3),
+    }
+
+
+def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest row by images/s; among rows within :data:`WITHIN` of it, fewest workers."""
+    best = max(r["images_per_s"] for r in rows)
+    close = [r for r in rows if r["images_per_s"] >= (1.0 - WITHIN) * best]
+    return min(close, key=lambda r: (r["num_workers"], -r["images_per_s"]))
+
+
+def resolve_num_workers(cfg: Config, bundle: DataBundle, device: torch.device) -> str | None:
+    """Resolve ``data.num_workers=auto`` in place by a short loader measurement.
+
+    Worker counts 0, 2 and 4 (those not above the CPU count) are timed with the configured
+    pinning and prefetch depth; the recommended count is written into ``cfg``, so the run's
+    ``config.yaml`` and checkpoints record an integer.
+
+    Returns:
+        A note for the user naming the choice and the numbers, or None when the count
+        was already an integer.
+    """
+    if cfg.data.num_workers != "auto":
+        return None
+    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    counts, skipped = cap_workers(AUTO_WORKER_CANDIDATES)
+    settings = [LoaderSetting(w, pin, cfg.data.prefetch_factor if w else None) for w in counts]
+    rows = [
+        measure_loader(cfg, bundle, device, s, AUTO_BATCHES, AUTO_WARMUP_BATCHES) for s in settings
+    ]
+    choice = recommend(rows)["num_workers"]
+    cfg.data.num_workers = choice
+    numbers = ", ".join(f"{r['num_workers']} workers {r['images_per_s']:.0f}" for r in rows)
+    note = (
+        f"data.num_workers=auto chose {choice} (images/s over {AUTO_BATCHES} batches: "
+        f"{numbers}; within {WITHIN:.0%} of the best, fewer workers win)"
+    )
+    if skipped:
+        note += f"; not tried: {', '.join(map(str, skipped))} (more than {os.cpu_count()} CPUs)"
+    return note
+
+
+def output_dir(cfg: Config, kind: str) -> Path:
+    """``run.dir/run.name``, or ``run.dir/bench-<kind>-<data>-<timestamp>`` made unique."""
+    if cfg.run.name:
+        return Path(cfg.run.dir).expanduser() / cfg.run.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.dir).expanduser() / f"bench-{kind}-{cfg.data.name}-{stamp}"
+    folder, n = base, 1
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return folder
+
+
+def loader_plot(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> bytes:
+    """PNG bar chart of images/s per setting, the recommended one highlighted."""
+    import io
+
+    # The object API with the Agg canvas: no pyplot state, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.6 + 0.35 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = [r["label"] for r in rows]
+    colors = ["C2" if r is chosen else "C0" for r in rows]
+    ax.barh(labels, [r["images_per_s"] for r in rows], color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (training loader)")
+    ax.set_title(f"recommended: {chosen['label']}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from visiontrain.cli import _split_config
+    from visiontrain.config import load_config
+
+    path, overrides = _split_config(args.items)
+    cfg = load_config(path, overrides)
+    if cfg.run.resume is not None:
+        raise ConfigError(
+            f"run.resume={cfg.run.resume} has no meaning for bench, which measures a fresh "
+            "build of the config. Remove run.resume."
+        )
+    return cfg
+
+
+def cmd_bench_loader(args: argparse.Namespace, console: Console) -> int:
+    """``visiontrain bench loader``: sweep loader settings, write the table, plot and JSON."""
+    from visiontrain.data import build_data
+    from visiontrain.engine.build import resolve_device
+    from visiontrain.engine.seed import seed_everything
+
+    if args.batches < 1:
+        raise UserError(f"--batches {args.batches}: time at least 1 batch per setting.")
+    cfg = _load(args)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    bundle = build_data(cfg.data, cfg.task)
+    cuda = device.type == "cuda"
+    settings, skipped = loader_grid(WORKER_CANDIDATES, cuda)
+    console.print(
+        f"measuring {len(settings)} loader settings, {WARMUP_BATCHES} warm-up + "
+        f"{args.batches} timed batches each (data.num_workers, data.pin_memory and "
+        "data.prefetch_factor are swept, not read from the config)",
+        highlight=False,
+    )
+    rows = [measure_loader(cfg, bundle, device, s, args.batches, WARMUP_BATCHES) for s in settings]
+    chosen = recommend(rows)
+    cpus = os.cpu_count() or 1
+    notes = []
+    if skipped:
+        notes.append(
+            f"skipped num_workers {', '.join(map(str, skipped))}: more than the {cpus} CPUs"
+        )
+    if not cuda:
+        notes.append("pin_memory: not applicable on CPU (pinning speeds host→GPU copies); off")
+
+    table = Table(title=f"training loader, {cfg.data.name}, batch {cfg.data.batch_size}")
+    for col in ("workers", "pin", "prefetch", "batches/s", "images/s", ""):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["num_workers"]),
+            "on" if r["pin_memory"] else "off",
+            "-" if r["prefetch_factor"] is None else str(r["prefetch_factor"]),
+            f"{r['batches_per_s']:.1f}",
+            f"{r['images_per_s']:.0f}",
+            "recommended" if r is chosen else "",
+        )
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+    overrides = f"data.num_workers={chosen['num_workers']}"
+    if cuda:
+        overrides += f" data.pin_memory={str(chosen['pin_memory']).lower()}"
+    if chosen["prefetch_factor"] is not None:
+        overrides += f" data.prefetch_factor={chosen['prefetch_factor']}"
+    console.print(f"recommended: {overrides}", highlight=False)
+
+    folder = output_dir(cfg, "loader")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        folder / "bench_loader.json",
+        {
+            "data": cfg.data.name,
+            "batch_size": cfg.data.batch_size,
+            "device": str(device),
+            "cpu_count": cpus,
+            "warmup_batches": WARMUP_BATCHES,
+            "timed_batches": args.batches,
+            "rows": rows,
+            "skipped_num_workers": skipped,
+            "pin_memory_applicable": cuda,
+            "notes": notes,
+            "recommended": chosen,
+            "recommended_overrides": overrides,
+        },
+    )
+    png = loader_plot(rows, chosen)
+    atomic_write(folder / "bench_loader.png", lambda fh: fh.write(png))
+    print(folder, flush=True)
+    return EXIT_OK
+
+
+def _not_applicable(precision: str, device: torch.device) -> str | None:
+    """Why ``precision`` cannot be measured on ``device``, or None."""
+    if precision == "fp16" and device.type != "cuda":
+        return "fp16 autocast with loss scaling is a CUDA feature; not applicable on CPU"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support"
+    return None
+
+
+def _repeat(x: torch.Tensor, y: Any, n: int) -> tuple[torch.Tensor, Any]:
+    """A batch of ``n`` samples made by cycling through one real batch."""
+    idx = torch.arange(n) % len(x)
+    if isinstance(y, torch.Tensor):
+        return x[idx.to(x.device)], y[idx.to(y.device)]
+    return x[idx.to(x.device)], [y[i] for i in idx.tolist()]  # detection: list of dicts
+
+
+def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
+    """``visiontrain bench amp``: step time per precision; on CUDA memory and max batch."""
+    from visiontrain.data.transforms import Normalizer
+    from visiontrain.engine.build import build_parts, buildable_optim
+    from visiontrain.engine.optim import build_optimizer
+    from visiontrain.engine.precision import Precision
+    from visiontrain.engine.trainer import to_device
+
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: time at least 1 step per precision.")
+    cfg = _load(args)
+    parts = build_parts(cfg)
+    device, model, task, bundle = parts.device, parts.model, parts.task, parts.bundle
+    cuda = device.type == "cuda"
+    batch = next(b for b in parts.loaders.train if b["image"] is not None)
+    normalizer = Normalizer(bundle.mean, bundle.std).to(device)
+    x = normalizer(batch["image"].to(device))
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = to_device(batch["target"], device)
+    initial = copy.deepcopy(model.state_dict())
+    model.train()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(precision: Precision, optimizer: torch.optim.Optimizer, xb: Any, yb: Any) -> None:
+        # As Trainer.train_step + _update: forward under autocast, loss outside it,
+        # scaled backward, scaler-stepped optimizer.
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            out = task.forward(model, xb, yb)
+        loss = task.loss(out, yb)["loss"]
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+
+    rows: list[dict[str, Any]] = []
+    for name in PRECISIONS:
+        reason = _not_applicable(name, device)
+        if reason:
+            rows.append({"precision": name, "applicable": False, "reason": reason})
+            continue
+        # Every precision starts from the same weights and a fresh optimizer.
+        model.load_state_dict(initial)
+        optimizer = build_optimizer(buildable_optim(cfg.optim), model)
+        precision = Precision(name, device)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(AMP_WARMUP_STEPS):
+            step(precision, optimizer, x, y)
+        times = []
+        for _ in range(args.steps):
+            sync()
+            t0 = time.perf_counter()
+            step(precision, optimizer, x, y)
+            sync()
+            times.append(time.perf_counter() - t0)
+        row: dict[str, Any] = {
+            "precision": name,
+            "applicable": True,
+            "batch_size": len(x),
+            "median_step_ms": round(statistics.median(times) * 1e3, 4),
+        }
+        if cuda:
+            row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            row["max_batch"], row["max_batch_capped"] = _largest_batch(
+                lambda xb, yb, p=precision, o=optimizer: step(p, o, xb, yb), x, y, sync
+            )
+        rows.append(row)
+    model.load_state_dict(initial)
+    base = next(r for r in rows if r["precision"] == "32")["median_step_ms"]
+    for r in rows:
+        if r["applicable"]:
+            r["speedup_vs_32"] = round(base / r["median_step_ms"], 3)
+
+    table = Table(title=f"train step, {cfg.model.name} on {cfg.data.name}, {device}")
+    columns = ["precision", "batch", "median step ms", "speedup vs 32"]
+    if cuda:
+        columns += ["peak MiB", "largest batch"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "precision" else "right")
+    for r in rows:
+        if not r["applicable"]:
+            # The reason is printed as a note below the table.
+            table.add_row(r["precision"], *["n/a"] * (len(columns) - 1))
+            continue
+        cells = [
+            r["precision"],
+            str(r["batch_size"]),
+            f"{r['median_step_ms']:.2f}",
+            f"{r['speedup_vs_32']:.2f}x",
+        ]
+        if cuda:
+            cap = "+" if r["max_batch_capped"] else ""
+            cells += [f"{r['peak_memory_mb']:.0f}", f"{r['max_batch']}{cap}"]
+        table.add_row(*cells)
+    console.print(table)
+    notes = [f"median of {args.steps} steps after {AMP_WARMUP_STEPS} warm-up steps"]
+    if not cuda:
+        notes.append("on CPU only step time is reported: no GPU memory to measure")
+    else:
+        notes.append(
+            f"largest batch: doubling from {len(x)} until out of memory, capped at {MAX_BATCH}"
+        )
+    for r in rows:
+        if not r["applicable"]:
+            notes.append(f"{r['precision']}: {r['reason']}")
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+
+    folder = output_dir(cfg, "amp")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        folder / "bench_amp.json",
+        {
+            "data": cfg.data.name,
+            "model": cfg.model.name,
+            "task": cfg.task,
+            "device": str(device),
+            "steps": args.steps,
+            "warmup_steps": AMP_WARMUP_STEPS,
+            "rows": rows,
+            "notes": notes,
+        },
+    )
+    print(folder, flush=True)
+    return EXIT_OK
+
+
+def _largest_batch(
+    step: Callable[[torch.Tensor, Any], None],
+    x: torch.Tensor,
+    y: Any,
+    sync: Callable[[], None],
+) -> tuple[int | None, bool]:
+    """Double the batch from ``len(x)`` until a step runs out of CUDA memory.
+
+    Returns:
+        The largest batch that ran (None if even ``len(x)`` did not), and whether the
+        search stopped at :data:`MAX_BATCH` rather than at an out-of-memory error.
+    """
+    size, fits = len(x), None
+    while size <= MAX_BATCH:
+        xb, yb = _repeat(x, y, size)
+        oom = False
+        try:
+            step(xb, yb)
+            sync()
+        except torch.OutOfMemoryError:
+            oom = True
+        # Free the failed attempt's tensors before the next, larger one is allocated.
+        del xb, yb
+        torch.cuda.empty_cache()
+        if oom:
+            return fits, False
+        fits, size = size, size * 2
+    return fits, True
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` sub-command (``bench loader``, ``bench amp``) to the CLI.
+
+    Args:
+        sub: The object returned by ``ArgumentParser.add_subparsers``.
+
+    Returns:
+        The ``bench`` parser.
+    """
+    p = sub.add_parser(
+        "bench",
+        help="measure the data loader or mixed precision for a config",
+        description="Measure a config's training loader (`bench loader`) or its train step "
+        "at each precision (`bench amp`). Results go to run.dir/run.name (default "
+        "bench-<what>-<data>-<timestamp>); the last line printed is that folder.",
+    )
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    q = what.add_parser(
+        "loader",
+        help="images/s of the training loader per workers/pinning/prefetch setting",
+        description="Time the training loader `train` builds (transforms and collate "
+        f"included) for num_workers in {WORKER_CANDIDATES} up to the CPU count, pin_memory "
+        "on/off (CUDA only), and prefetch_factor 2/4 (with workers), after "
+        f"{WARMUP_BATCHES} warm-up batches each. Writes bench_loader.json and "
+        f"bench_loader.png; recommends the fastest setting, fewer workers within {WITHIN:.0%}.",
+        epilog="Example: visiontrain bench loader configs/imagefolder.yaml data.root=./pets",
+    )
+    q.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    q.add_argument(
+        "--batches",
+        type=int,
+        default=DEFAULT_BATCHES,
+        help=f"timed batches per setting (default {DEFAULT_BATCHES})",
+    )
+    q.set_defaults(func=cmd_bench_loader)
+    q = what.add_parser(
+        "amp",
+        help="train-step time per precision (32, bf16, fp16); GPU memory and max batch",
+        description="Time forward, backward and optimizer step of the config's model "
+        "through its task at precision 32, bf16 and fp16 (fp16 on CUDA only): median over "
+        f"--steps after {AMP_WARMUP_STEPS} warm-up steps, speedup against 32. On CUDA also "
+        "peak memory and the largest batch that fits (doubling until out of memory, capped "
+        f"at {MAX_BATCH}). train.precision is swept, not read. Writes bench_amp.json.",
+        epilog="Example: visiontrain bench amp configs/defects.yaml --steps 50",
+    )
+    q.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    q.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"timed steps per precision (default {DEFAULT_STEPS})",
+    )
+    q.set_defaults(func=cmd_bench_amp)
+    return p
