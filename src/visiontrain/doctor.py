@@ -1160,12 +1160,23 @@ def output_dir(cfg: Config) -> Path:
 _STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits for the terminal; doctor.json keeps them whole."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _evidence_text(evidence: dict[str, Any], limit: int = 160) -> str:
     parts = []
     for k, v in evidence.items():
         if k in ("layers", "loss_curve", "check_seconds"):
             continue
-        parts.append(f"{k}={_jsonable(v)}")
+        parts.append(f"{k}={_rounded(_jsonable(v))}")
     text = "; ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
