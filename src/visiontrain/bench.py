@@ -233,15 +233,10 @@ def resolve_num_workers(cfg: Config, bundle: DataBundle, device: torch.device) -
 
 
 def output_dir(cfg: Config, kind: str) -> Path:
-    """``run.dir/run.name``, or ``run.dir/bench-<kind>-<data>-<timestamp>`` made unique."""
-    if cfg.run.name:
-        return Path(cfg.run.dir).expanduser() / cfg.run.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.dir).expanduser() / f"bench-{kind}-{cfg.data.name}-{stamp}"
-    folder, n = base, 1
-    while folder.exists():
-        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return folder
+    """``run.dir/run.name``, or ``run.dir/bench-<kind>-<data>-<timestamp>``."""
+    from visiontrain.engine.build import tool_dir
+
+    return tool_dir(cfg, f"bench-{kind}")
 
 
 def loader_plot(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> bytes:

@@ -1146,15 +1146,10 @@ def run_doctor(
 
 
 def output_dir(cfg: Config) -> Path:
-    """``run.dir/run.name``, or ``run.dir/doctor-<task>-<data>-<timestamp>`` made unique."""
-    if cfg.run.name:
-        return Path(cfg.run.dir).expanduser() / cfg.run.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.dir).expanduser() / f"doctor-{cfg.task}-{cfg.data.name}-{stamp}"
-    folder, n = base, 1
-    while folder.exists():
-        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return folder
+    """``run.dir/run.name``, or ``run.dir/doctor-<task>-<data>-<timestamp>``."""
+    from visiontrain.engine.build import tool_dir
+
+    return tool_dir(cfg, f"doctor-{cfg.task}")
 
 
 _STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}

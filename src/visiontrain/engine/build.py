@@ -136,6 +136,21 @@ def resolve_auto_workers(cfg: Config, bundle: DataBundle, device: torch.device) 
         bundle.notes.append(note)
 
 
+def tool_dir(cfg: Config, prefix: str) -> Path:
+    """Output folder of a tool verb: ``run.dir/run.name``, else a new timestamped one.
+
+    The default name is ``<prefix>-<data>-<timestamp>``, made unique with a counter.
+    """
+    if cfg.run.name:
+        return Path(cfg.run.dir).expanduser() / cfg.run.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.dir).expanduser() / f"{prefix}-{cfg.data.name}-{stamp}"
+    folder, n = base, 1
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return folder
+
+
 def build_loaders(cfg: Config, bundle: DataBundle, device: torch.device) -> Loaders:
     """Train, val and test loaders with the run's seed (``num_workers=auto`` resolved first)."""
     resolve_auto_workers(cfg, bundle, device)

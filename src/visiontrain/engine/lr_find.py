@@ -23,7 +23,6 @@ import copy
 import io
 import itertools
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -453,15 +452,10 @@ def write_lr_find(result: LRFindResult, folder: Path) -> None:
 
 
 def output_dir(cfg: Config) -> Path:
-    """``run.dir/run.name``, or ``run.dir/lr-find-<task>-<data>-<timestamp>`` made unique."""
-    if cfg.run.name:
-        return Path(cfg.run.dir).expanduser() / cfg.run.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.dir).expanduser() / f"lr-find-{cfg.task}-{cfg.data.name}-{stamp}"
-    folder, n = base, 1
-    while folder.exists():
-        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return folder
+    """``run.dir/run.name``, or ``run.dir/lr-find-<task>-<data>-<timestamp>``."""
+    from visiontrain.engine.build import tool_dir
+
+    return tool_dir(cfg, f"lr-find-{cfg.task}")
 
 
 def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
