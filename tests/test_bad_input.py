@@ -35,6 +35,7 @@ def _no_run_written(root):
         ("loss.effective_beta=0.9", "only applies with loss.class_weights=effective"),
         ("task=regresion", "did you mean `regression`"),
         ("data.name=digits task=regression", "has no targets for task regression"),
+        ("tune.trials=20", "configure `visiontrain tune`; train does not read them"),
     ],
 )
 def test_bad_config_exits_2(cli, tmp_path, override, expected):

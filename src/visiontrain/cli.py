@@ -76,6 +76,14 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from visiontrain.engine.signals import graceful_stop
 
     path, overrides = _split_config(args.items)
+    tune_keys = [o.partition("=")[0] for o in overrides if o.startswith("tune.")]
+    if tune_keys:
+        # A YAML may carry a tune: section for `visiontrain tune`; on train's command line
+        # such a key would change nothing.
+        raise UserError(
+            f"{', '.join(tune_keys)} configure `visiontrain tune`; train does not read them. "
+            "Run `visiontrain tune` with them, or drop them."
+        )
     if args.from_file:
         from visiontrain.tune import config_from_best
 
