@@ -29,7 +29,7 @@ from rich.table import Table
 from visiontrain.config import Config
 from visiontrain.data.loaders import build_loader
 from visiontrain.data.sources import DataBundle
-from visiontrain.errors import EXIT_OK, ConfigError, UserError
+from visiontrain.errors import EXIT_OK, UserError
 from visiontrain.io import atomic_write, atomic_write_json
 
 WORKER_CANDIDATES = (0, 2, 4, 8)
@@ -262,17 +262,9 @@ def loader_plot(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> bytes:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from visiontrain.cli import _split_config
-    from visiontrain.config import load_config
+    from visiontrain.config import load_tool_config
 
-    path, overrides = _split_config(args.items)
-    cfg = load_config(path, overrides)
-    if cfg.run.resume is not None:
-        raise ConfigError(
-            f"run.resume={cfg.run.resume} has no meaning for bench, which measures a fresh "
-            "build of the config. Remove run.resume."
-        )
-    return cfg
+    return load_tool_config(args.items, "bench", "measures a fresh build of the config")
 
 
 def cmd_bench_loader(args: argparse.Namespace, console: Console) -> int:

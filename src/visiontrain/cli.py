@@ -33,17 +33,6 @@ EPILOG = (
 )
 
 
-def _split_config(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    """The first item without '=' is the YAML file; the rest are key=value overrides."""
-    config, overrides = None, []
-    for item in items:
-        if "=" not in item and config is None and not overrides:
-            config = item
-        else:
-            overrides.append(item)
-    return config, overrides
-
-
 def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
     """Rich tables of one split's metrics: per class (P/R/F1/support) or per target."""
     title = f"{split}: " + "  ".join(
@@ -71,11 +60,11 @@ def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     """Train a model; the last line printed is the run directory."""
-    from visiontrain.config import load_config
-    from visiontrain.engine.build import build_trainer, write_summary
+    from visiontrain.config import load_config, split_items
+    from visiontrain.engine.build import build_trainer, fit_and_summarise
     from visiontrain.engine.signals import graceful_stop
 
-    path, overrides = _split_config(args.items)
+    path, overrides = split_items(args.items)
     tune_keys = [o.partition("=")[0] for o in overrides if o.startswith("tune.")]
     if tune_keys:
         # A YAML may carry a tune: section for `visiontrain tune`; on train's command line
@@ -97,12 +86,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     start = time.perf_counter()
     with graceful_stop() as flag:
         trainer = build_trainer(cfg, console, stop_flag=flag)
-        try:
-            trainer.fit()
-        finally:
-            for cb in trainer.callbacks:
-                cb.close()
-        summary = write_summary(trainer, time.perf_counter() - start)
+        summary = fit_and_summarise(trainer, start)
     for split in ("val", "test"):
         for table in metric_tables(summary["metrics"].get(split) or {}, split):
             console.print(table)

@@ -529,6 +529,37 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return build_config(tree, overrides, source)
 
 
+def split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The first item without '=' is the YAML file; the rest are key=value overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def load_tool_config(items: Sequence[str], verb: str, why: str) -> Config:
+    """The config of a verb that builds the run fresh (lr-find, doctor, bench).
+
+    Such a verb has no use for ``run.resume``; it is refused rather than ignored.
+
+    Args:
+        items: ``[CONFIG.yaml] [key=value ...]`` as on the command line.
+        verb: the command, for the message.
+        why: what the verb does instead of resuming, for the message.
+    """
+    path, overrides = split_items(items)
+    cfg = load_config(path, overrides)
+    if cfg.run.resume is not None:
+        raise ConfigError(
+            f"run.resume={cfg.run.resume} has no meaning for {verb}, which {why}. "
+            "Remove run.resume."
+        )
+    return cfg
+
+
 def refuse_unused(section: BaseModel, section_name: str, used: Iterable[str], owner: str) -> None:
     """Refuse options that were set but that ``owner`` does not use.
 

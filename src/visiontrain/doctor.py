@@ -1218,11 +1218,9 @@ def write_report(findings: list[Finding], cfg: Config, device: torch.device, fol
 
 def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     """``visiontrain doctor``: run the checks, print the report, write doctor.json."""
-    from visiontrain.cli import _split_config
-    from visiontrain.config import load_config
+    from visiontrain.config import load_tool_config
 
-    path, overrides = _split_config(args.items)
-    cfg = load_config(path, overrides)
+    cfg = load_tool_config(args.items, "doctor", "checks a fresh build of the config")
     checks = None
     if args.check:
         checks = [c.strip() for item in args.check for c in item.split(",") if c.strip()]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visiontrain.config import Config, build_config
@@ -91,59 +90,35 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
     )
 
 
-DENSE_TASKS = ("detection", "segmentation")
-
-
 @torch.inference_mode()
 def predict_outputs(loaded: Loaded, paths: list[Path], batch_size: int = 32) -> list[Any]:
     """The model's output for each image file, in the file's own pixel frame.
 
     Classification and regression: the centre-cropped image as at evaluation, one output
-    row per image. Detection and segmentation: the whole image, longer side resized to the
-    working size and padded to a square (as the loader does); boxes are mapped back to
-    the file's pixels and mask logits cropped and resized back to its size.
+    row per image. Detection and segmentation (``whole_image`` tasks): the whole image,
+    longer side resized to the working size and padded to a square as the loader does;
+    the task maps its outputs back to the file's pixels (:meth:`Task.to_file_frame`).
     """
     from visiontrain.tasks.base import task_class
 
-    task = loaded.cfg.task
-    infer = task_class(task).infer
+    task = task_class(loaded.cfg.task)
     size = loaded.image_size
-    dense = task in DENSE_TASKS
-    transform = None if dense else build_transform("none", size, loaded.in_channels, False, False)
+    transform = (
+        None
+        if task.whole_image
+        else build_transform("none", size, loaded.in_channels, False, False)
+    )
     outputs: list[Any] = []
     for i in range(0, len(paths), batch_size):
         images = [decode_file(p, loaded.in_channels) for p in paths[i : i + batch_size]]
         sizes = [tuple(im.shape[-2:]) for im in images]
-        if dense:
+        if task.whole_image:
             images = [fit_square(im, size) for im in images]
         elif transform is not None:
             images = [transform(im) for im in images]
         x = loaded.normalizer(torch.stack(images).to(loaded.device))
-        out = infer(loaded.model, x)
-        outputs.extend(_to_file_frame(task, out, sizes, size))
+        outputs.extend(task.to_file_frame(task.infer(loaded.model, x), sizes, size))
     return outputs
-
-
-def _to_file_frame(task: str, out: Any, sizes: list[tuple[int, int]], size: int) -> list[Any]:
-    """Undo :func:`fit_square` on a batch of outputs: one item per image, on the CPU."""
-    if task == "detection":
-        items = []
-        for det, (h, w) in zip(out, sizes, strict=True):
-            scale = size / max(h, w)
-            boxes = det["boxes"].cpu() / scale
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            items.append({**{k: v.cpu() for k, v in det.items()}, "boxes": boxes})
-        return items
-    if task == "segmentation":
-        items = []
-        for logits, (h, w) in zip(out, sizes, strict=True):
-            scale = size / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            crop = logits[None, :, :nh, :nw].float()
-            items.append(F.interpolate(crop, size=(h, w), mode="bilinear")[0].cpu())
-        return items
-    return list(out.float().cpu())
 
 
 def predict_files(

@@ -424,7 +424,7 @@ def run_trial(search: Search, trial: optuna.Trial, stop_flag: StopFlag) -> float
         TrialFailedError: the run failed at run time or never produced a finite score.
 
     """
-    from visiontrain.engine.build import build_trainer, write_summary
+    from visiontrain.engine.build import build_trainer, fit_and_summarise
 
     target = search.cfg.tune.trials
     # Trial numbers are handed out in order by the database, so counting the trials before
@@ -443,12 +443,7 @@ def run_trial(search: Search, trial: optuna.Trial, stop_flag: StopFlag) -> float
         trainer = build_trainer(cfg, Console(quiet=True), stop_flag=stop_flag)
         assert trainer is not None
         trainer.callbacks.append(PruneCallback(trial))
-        try:
-            trainer.fit()
-        finally:
-            for cb in trainer.callbacks:
-                cb.close()
-        summary = write_summary(trainer, time.perf_counter() - start)
+        summary = fit_and_summarise(trainer, start)
     except (UserError, Interrupted, optuna.TrialPruned):
         raise
     except Exception as exc:
@@ -687,10 +682,10 @@ def print_results(
 
 def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     """Run or continue a study; the last line printed is the study folder."""
-    from visiontrain.cli import _split_config  # the CONFIG + key=value rule of `train`
+    from visiontrain.config import split_items  # the CONFIG + key=value rule of `train`
     from visiontrain.engine.signals import graceful_stop
 
-    path, overrides = _split_config(args.items)
+    path, overrides = split_items(args.items)
     search = plan_search(path, overrides)
     if "loss" in search.monitor and any(k.startswith("loss.") for k in search.space):
         # Focal and cross-entropy (or smoothed and plain) losses live on different scales.

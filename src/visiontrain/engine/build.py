@@ -320,6 +320,21 @@ def build_trainer(
     return trainer
 
 
+def fit_and_summarise(trainer: Trainer, start: float) -> dict[str, Any]:
+    """Train, close every callback (also when training raises), write summary.json.
+
+    Args:
+        trainer: a built trainer.
+        start: ``time.perf_counter()`` when the command started, for the total time.
+    """
+    try:
+        trainer.fit()
+    finally:
+        for cb in trainer.callbacks:
+            cb.close()
+    return write_summary(trainer, time.perf_counter() - start)
+
+
 def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
     """Write ``summary.json`` for a finished run and return it."""
     ck = trainer.checkpointer

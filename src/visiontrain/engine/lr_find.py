@@ -40,7 +40,7 @@ from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.seed import capture_rng, restore_rng
 from visiontrain.engine.trainer import to_device
-from visiontrain.errors import EXIT_OK, ConfigError, DataError, UserError
+from visiontrain.errors import EXIT_OK, DataError, UserError
 from visiontrain.io import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:  # build.py imports this module for `optim.lr=find`
@@ -460,17 +460,10 @@ def output_dir(cfg: Config) -> Path:
 
 def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
     """``visiontrain lr-find``: run the range test, write its files, print the folder last."""
-    from visiontrain.cli import _split_config
-    from visiontrain.config import load_config
+    from visiontrain.config import load_tool_config
 
     check_sweep(args.start, args.end, args.steps)
-    path, overrides = _split_config(args.items)
-    cfg = load_config(path, overrides)
-    if cfg.run.resume is not None:
-        raise ConfigError(
-            f"run.resume={cfg.run.resume} has no meaning for lr-find, which tests from the "
-            "model's initial weights. Remove run.resume."
-        )
+    cfg = load_tool_config(args.items, "lr-find", "tests from the model's initial weights")
     result = find_lr(cfg, console, args.start, args.end, args.steps)
     folder = output_dir(cfg)
     write_lr_find(result, folder)

@@ -244,11 +244,15 @@ class Trainer:
         acc = self._accum
         now = time.perf_counter()
         batches = max(acc.interval_batches, 1)
-        loss_sum = float(acc.interval_loss)  # the one host sync per log interval
+        # The one host sync per log interval: the loss and every loss term read together.
+        sums = torch.stack([acc.interval_loss, *acc.interval_parts.values()]).tolist()
+        loss_sum = sums[0]
         acc.epoch_loss += loss_sum
         acc.epoch_batches += acc.interval_batches
         acc.epoch_samples += acc.interval_samples
-        parts = {f"loss_{k}": float(v) / batches for k, v in acc.interval_parts.items()}
+        parts = {
+            f"loss_{k}": v / batches for k, v in zip(acc.interval_parts, sums[1:], strict=True)
+        }
         record = {
             "split": "train",
             "kind": "train_step",

@@ -44,6 +44,30 @@ def _three_channels(name: str, in_chans: int) -> None:
         raise ConfigError(f"model {name} takes RGB images; the data has {in_chans} channels.")
 
 
+def _detector_kwargs(num_classes: int, image_size: int | None, default_size: int) -> dict:
+    """What every detector here shares: a background class, the data's size, no normalisation.
+
+    The trainer has already normalised the batch; the detector's own resize is set to
+    the working size so that it never upsamples.
+    """
+    size = image_size or default_size
+    return {
+        "num_classes": num_classes + 1,
+        "min_size": size,
+        "max_size": size,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+    }
+
+
+def _check_tiny(name: str, in_chans: int, pretrained: bool, opts: dict[str, Any]) -> None:
+    """The CPU-sized detectors: RGB input, no pretrained weights, no foreign options."""
+    _no_options(name, opts)
+    _three_channels(name, in_chans)
+    if pretrained:
+        raise ConfigError(f"model {name} has no pretrained weights; set model.pretrained=false.")
+
+
 def _torchvision_builder(task: str, name: str):
     """A builder for a torchvision detector or segmenter, without pretrained weights."""
 
@@ -60,14 +84,10 @@ def _torchvision_builder(task: str, name: str):
         }
         if task == "segmentation":
             return _OutOnly(getattr(segmentation, name)(num_classes=num_classes, **kwargs))
-        kwargs.update(
-            num_classes=num_classes + 1,
-            image_mean=[0.0, 0.0, 0.0],
-            image_std=[1.0, 1.0, 1.0],
-        )
-        if not name.startswith("ssd"):
+        kwargs.update(_detector_kwargs(num_classes, image_size, 320))
+        if name.startswith("ssd"):
             # SSD's input size is fixed by its builder (320); the others take the data's.
-            kwargs.update(min_size=image_size or 320, max_size=image_size or 320)
+            del kwargs["min_size"], kwargs["max_size"]
         return getattr(detection, name)(**kwargs)
 
     return build
@@ -127,20 +147,12 @@ def fcos_tiny(
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-    _no_options("fcos_tiny", opts)
-    _three_channels("fcos_tiny", in_chans)
-    if pretrained:
-        raise ConfigError("model fcos_tiny has no pretrained weights; set model.pretrained=false.")
-    size = image_size or 128
+    _check_tiny("fcos_tiny", in_chans, pretrained, opts)
     anchors = AnchorGenerator(sizes=((16,), (32,), (64,)), aspect_ratios=((1.0,),) * 3)
     return FCOS(
         TinyBackbone(width),
-        num_classes=num_classes + 1,
-        min_size=size,
-        max_size=size,
-        image_mean=[0.0, 0.0, 0.0],
-        image_std=[1.0, 1.0, 1.0],
         anchor_generator=anchors,
+        **_detector_kwargs(num_classes, image_size, 128),
     )
 
 
@@ -211,21 +223,11 @@ def fasterrcnn_tiny(
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
-    _no_options("fasterrcnn_tiny", opts)
-    _three_channels("fasterrcnn_tiny", in_chans)
-    if pretrained:
-        raise ConfigError(
-            "model fasterrcnn_tiny has no pretrained weights; set model.pretrained=false."
-        )
-    size = image_size or 128
+    _check_tiny("fasterrcnn_tiny", in_chans, pretrained, opts)
     anchors = AnchorGenerator(sizes=((16,), (32,), (64,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
     return FasterRCNN(
         TinyBackbone(width),
-        num_classes=num_classes + 1,
-        min_size=size,
-        max_size=size,
-        image_mean=[0.0, 0.0, 0.0],
-        image_std=[1.0, 1.0, 1.0],
+        **_detector_kwargs(num_classes, image_size, 128),
         rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2),
         rpn_pre_nms_top_n_train=300,

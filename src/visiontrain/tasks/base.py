@@ -24,6 +24,9 @@ class Task:
     name = "task"
     # Whether calibrate() tunes something on val after training (set per instance).
     calibrates = False
+    # Whether the model sees the whole image fitted to a square (boxes, masks) rather than
+    # the centre crop of classification.
+    whole_image = False
 
     def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
         self.cfg, self.bundle, self.device = cfg, bundle, device
@@ -45,6 +48,15 @@ class Task:
     def forward(self, model: nn.Module, images: torch.Tensor, target: Any) -> Any:
         """The model's training output for a normalised batch (a detector takes targets)."""
         return model(images)
+
+    @staticmethod
+    def to_file_frame(out: Any, sizes: list[tuple[int, int]], size: int) -> list[Any]:
+        """Split a batch of :meth:`infer` outputs into one CPU item per image file.
+
+        Whole-image tasks also undo the fit to a ``size`` square (``sizes`` are the
+        files' own H, W); per-image outputs need no mapping.
+        """
+        return list(out.float().cpu())
 
     @staticmethod
     def infer(model: nn.Module, images: torch.Tensor) -> Any:

@@ -100,13 +100,13 @@ class ClassificationTask(Task):
         # Sum, not mean, so that the last (smaller) batch weighs by its size.
         self._loss_sum += self.loss_fn(output, target).detach() * target.shape[0]
         self._count += target.shape[0]
-        probs = probabilities(output, self.loss_fn.activation)
         if self.binary:
             # Scores stay on the device; thresholds are applied once, in compute_metrics.
-            self._scores.append(probs[:, 1])
+            self._scores.append(probabilities(output, self.loss_fn.activation)[:, 1])
             self._targets.append(target)
         else:
-            self.metrics.update(probs.argmax(dim=1), target)
+            # Softmax and sigmoid are monotonic: the argmax of the logits is the decision.
+            self.metrics.update(output.argmax(dim=1), target)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
         extra: dict[str, Any] = {}

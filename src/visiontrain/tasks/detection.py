@@ -32,6 +32,7 @@ class DetectionTask(Task):
     """Boxes and classes per image; metrics mAP@[.5:.95], mAP@.5, mAP@.75, per-class AP."""
 
     name = "detection"
+    whole_image = True
 
     @staticmethod
     def predictions(  # noqa: D102
@@ -86,6 +87,18 @@ class DetectionTask(Task):
 
     def forward(self, model: nn.Module, images: torch.Tensor, target: Any) -> Any:  # noqa: D102
         return model(list(images), _shift(target, 1))
+
+    @staticmethod
+    def to_file_frame(  # noqa: D102
+        out: Detections, sizes: list[tuple[int, int]], size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        items = []
+        for det, (h, w) in zip(out, sizes, strict=True):
+            boxes = det["boxes"].cpu() / (size / max(h, w))
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            items.append({**{k: v.cpu() for k, v in det.items()}, "boxes": boxes})
+        return items
 
     @staticmethod
     def infer(model: nn.Module, images: torch.Tensor) -> Any:  # noqa: D102

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
@@ -25,6 +26,19 @@ class SegmentationTask(Task):
     """A class per pixel; metrics per-class IoU, mIoU, Dice, pixel accuracy."""
 
     name = "segmentation"
+    whole_image = True
+
+    @staticmethod
+    def to_file_frame(  # noqa: D102
+        out: torch.Tensor, sizes: list[tuple[int, int]], size: int
+    ) -> list[torch.Tensor]:
+        items = []
+        for logits, (h, w) in zip(out, sizes, strict=True):
+            scale = size / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            crop = logits[None, :, :nh, :nw].float()
+            items.append(F.interpolate(crop, size=(h, w), mode="bilinear")[0].cpu())
+        return items
 
     @staticmethod
     def predictions(  # noqa: D102
