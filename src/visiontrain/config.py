@@ -208,6 +208,11 @@ class TrainConfig(_Section):
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    sync_bn: bool = False
     monitor: str | None = None
     threshold: float | str = 0.5
     monitor_mode: Literal["auto", "min", "max"] = "auto"
@@ -248,6 +253,31 @@ class RunConfig(_Section):
     resume: str | None = None
     keep_last: int = Field(2, ge=0, le=1000)
     save_every_steps: int | None = Field(None, ge=1)
+    loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = ["jsonl", "tensorboard"]
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_always(cls, value: list[str]) -> list[str]:
+        # metrics.jsonl is the run's own record: resume, report and compare read it.
+        if "jsonl" not in value:
+            raise ValueError(
+                "jsonl must stay in the list (resume, report and compare read metrics.jsonl); "
+                "add tensorboard or mlflow next to it"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError("each logger once")
+        return value
+
+    @model_validator(mode="after")
+    def _mlflow_options(self) -> RunConfig:
+        if "mlflow" not in self.loggers and (self.mlflow_uri or self.mlflow_experiment):
+            raise ValueError(
+                "run.mlflow_uri/run.mlflow_experiment set but mlflow is not in run.loggers; "
+                "add it: run.loggers=[jsonl,tensorboard,mlflow]"
+            )
+        return self
 
 
 # How a `tune.space` entry samples a value: the one key names the distribution.
