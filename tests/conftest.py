@@ -28,6 +28,8 @@ TINY_ANY = [
     "model.depth=2",
     "train.epochs=1",
     "train.progress=none",
+    # Report pages are tested in test_report.py; elsewhere they only cost time.
+    "run.report=false",
 ]
 TINY = [*TINY_ANY, "data.defect_rate=0.25"]
 

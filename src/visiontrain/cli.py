@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     """Train a model; the last line printed is the run directory."""
     from visiontrain.config import load_config, split_items
     from visiontrain.engine.build import build_trainer, fit_and_summarise
+    from visiontrain.engine.distributed import distributed_session
     from visiontrain.engine.signals import graceful_stop
 
     path, overrides = split_items(args.items)
@@ -84,9 +85,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         console.print("config OK: data, model, optimizer and schedule build.", highlight=False)
         return EXIT_OK
     start = time.perf_counter()
-    with graceful_stop() as flag:
+    with graceful_stop() as flag, distributed_session(cfg.train.device) as dist:
         trainer = build_trainer(cfg, console, stop_flag=flag)
-        summary = fit_and_summarise(trainer, start)
+        summary = fit_and_summarise(trainer, start, report=cfg.run.report)
+    if not dist.is_main:
+        return EXIT_OK
     for split in ("val", "test"):
         for table in metric_tables(summary["metrics"].get(split) or {}, split):
             console.print(table)
@@ -156,7 +159,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     """Predict classes, values, boxes or masks for image files or folders."""
     from visiontrain.data.images import IMAGE_EXTENSIONS
-    from visiontrain.inference import load_trained, predict_files
+    from visiontrain.inference import load_for_predict, predict_files
 
     paths: list[Path] = []
     for item in args.images:
@@ -169,8 +172,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
             raise UserError(f"{p} does not exist; pass image files or folders of images.")
     if not paths:
         raise UserError("no images found in the given paths.")
-    loaded = load_trained(args.target)
-    task = loaded.cfg.task
+    # A run, a checkpoint, or an exported .pt2/.onnx with its model.json: the same rows.
+    loaded = load_for_predict(args.target)
+    task = loaded.task
     if task != "classification" and args.top_k != 1:
         raise UserError(f"--top-k ranks classes; {args.target} is a {task} model. Drop --top-k.")
     if task != "detection" and (args.score_threshold is not None or args.draw):
@@ -208,7 +212,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
                 *(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
             )
         console.print(table)
-    threshold = (loaded.state.get("task_state") or {}).get("threshold")
+    threshold = loaded.task_state.get("threshold")
     if threshold is not None and args.format == "table":
         console.print(f"decision threshold {threshold:.4g} (chosen at training)", highlight=False)
     return EXIT_OK
@@ -323,11 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="predict classes, values, boxes or masks for image files",
-        description="Predict with a run directory or checkpoint: the class of each image "
+        description="Predict with a run directory, a checkpoint, or an exported model "
+        "(model.pt2 / model.onnx with its model.json beside it): the class of each image "
         "(with the threshold chosen at training), regression values, detected boxes, or "
         "segmentation masks (written as PNGs of class indices to --out).",
     )
-    p.add_argument("target", metavar="RUN_OR_CKPT")
+    p.add_argument("target", metavar="RUN_CKPT_OR_EXPORT")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=1, help="classification: list the k best")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -362,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     from visiontrain.explain import add_parser as add_explain_parser
 
     add_explain_parser(sub)
+    from visiontrain.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
+    from visiontrain.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -375,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # soft_wrap: log lines stay whole when output goes to a file or a CI log.
     console = Console(highlight=False, soft_wrap=True)
     try:
+        if args.verb != "train":
+            from visiontrain.engine.distributed import refuse_distributed
+
+            refuse_distributed(args.verb)
         return args.func(args, console)
     except UserError as exc:
         print(f"error: {clean_message(exc)}", file=sys.stderr, flush=True)

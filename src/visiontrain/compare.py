@@ -10,7 +10,8 @@ finishes). The first run is the baseline; every other run is shown with its delt
 
 The comparison itself is a plain, JSON-ready dict (:func:`build_comparison`); the
 renderers turn it into rich tables (:func:`render_tables`) or GitHub markdown
-(:func:`render_markdown`).
+(:func:`render_markdown`); ``--html`` also writes a self-contained page with the tables and
+the runs' overlaid validation curves (:mod:`visiontrain.report`).
 """
 
 from __future__ import annotations
@@ -391,13 +392,20 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """Compare finished runs from their summary.json files.
 
     Args:
-        args: Parsed arguments with ``runs``, ``split`` and ``format``.
+        args: Parsed arguments with ``runs``, ``split``, ``format`` and ``html``.
         console: Where tables are printed (markdown and JSON go to stdout as plain text).
 
     Returns:
         The exit code, 0.
     """
-    comparison = build_comparison(load_summaries(args.runs), args.split)
+    summaries = load_summaries(args.runs)
+    comparison = build_comparison(summaries, args.split)
+    if args.html:
+        from visiontrain.report.write import write_comparison_html
+
+        out = write_comparison_html(comparison, summaries, Path(args.html))
+        # stderr: stdout may be redirected into a markdown or JSON file.
+        Console(stderr=True, highlight=False).print(f"HTML comparison written to {out}")
     if args.format == "json":
         print(json.dumps(comparison, indent=2), flush=True)
     elif args.format == "markdown":
@@ -425,7 +433,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "regression, per-target MAE/RMSE/R². The first run is the baseline; every other "
         "run shows value (delta vs baseline). Only finished runs have a summary.json; "
         "evaluate an interrupted run's checkpoint with `visiontrain eval`.",
-        epilog="Example: visiontrain compare runs/exp1 runs/exp2 --format markdown > cmp.md",
+        epilog="Examples: visiontrain compare runs/exp1 runs/exp2 --format markdown > cmp.md; "
+        "visiontrain compare runs/exp1 runs/exp2 --html cmp.html",
     )
     p.add_argument(
         "runs",
@@ -447,6 +456,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="table: rich tables on the terminal; markdown: GitHub pipe tables; json: "
         "values and deltas per metric (null where missing). markdown and json go to stdout "
         "for redirecting into a file (default: table)",
+    )
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write a self-contained HTML page: the tables plus the runs' val loss and "
+        "monitored metric per epoch, overlaid",
     )
     p.set_defaults(func=cmd_compare)
     return p

@@ -253,6 +253,7 @@ class RunConfig(_Section):
     resume: str | None = None
     keep_last: int = Field(2, ge=0, le=1000)
     save_every_steps: int | None = Field(None, ge=1)
+    report: bool = True
     loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = ["jsonl", "tensorboard"]
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None

@@ -25,9 +25,15 @@ from visiontrain.errors import ConfigError, DataError, clean_message
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)``; the order is seeded by (seed, epoch), resumable.
 
-    Sharded by ``rank``/``world_size`` without padding, so that every sample is seen once.
-    With ``weights`` it draws ``num_samples`` indices per epoch with replacement, each with
-    probability proportional to its weight (a resumable ``WeightedRandomSampler``).
+    Sharded by stride over ``rank``/``world_size`` (rank ``r`` takes positions ``r, r + N,
+    ...`` of the epoch's order), like ``torch.utils.data.DistributedSampler``: every rank
+    uses the same order for an epoch, so ``set_epoch`` reshuffles all ranks alike. With
+    ``pad`` (training) the order is padded with its own first indices to a multiple of
+    ``world_size``, so every rank runs the same number of batches and DDP's gradient
+    all-reduce never waits for a rank that has finished; without it (evaluation) every
+    sample is seen exactly once. With ``weights`` it draws ``num_samples`` indices per
+    epoch with replacement, each with probability proportional to its weight (a resumable
+    ``WeightedRandomSampler``).
     """
 
     def __init__(
@@ -41,9 +47,11 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         weights: torch.Tensor | None = None,
         num_samples: int | None = None,
+        pad: bool = False,
     ) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pad = pad and world_size > 1
         self.weights = None if weights is None else weights.double()
         self.num_samples = num_samples if num_samples is not None else n
         self.epoch = 0
@@ -63,10 +71,15 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.pad and len(order) % self.world_size:
+            extra = self.world_size - len(order) % self.world_size
+            order += (order * (extra // max(len(order), 1) + 1))[:extra]
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         total = self.num_samples if self.weights is not None else self.n
+        if self.pad:
+            total = -(-total // self.world_size) * self.world_size
         per_rank = len(range(self.rank, total, self.world_size))
         if self.drop_last:
             return per_rank // self.batch_size
@@ -110,7 +123,9 @@ class AugmentedDataset(Dataset):
             # Seed this sample's augmentation from (seed, epoch, index) without touching
             # the caller's RNG stream: identical in any worker and after a resume.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                # The CPU generator only: torch.manual_seed would also queue a lazy CUDA
+                # seed (formatting the call stack each time, ~0.1-1 ms per sample).
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
                 image, target = self.transform(image, target)
         return image, target
 
@@ -215,7 +230,11 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over one split with the resumable batch sampler."""
+    """A DataLoader over one split with the resumable batch sampler, sharded by rank.
+
+    Training shards are padded to equal length across ranks; evaluation shards are not, so
+    that every sample is evaluated exactly once (the trainer gathers the results).
+    """
     transform = pair_transform(task, cfg, bundle, train)
     dataset = AugmentedDataset(split, transform, seed, cfg.on_error)
     weights = (
@@ -234,6 +253,7 @@ def build_loader(
         world_size=world_size,
         weights=weights,
         num_samples=num_samples,
+        pad=train,
     )
     workers = cfg.num_workers
     if not isinstance(workers, int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,16 @@ from visiontrain.data import DataBundle, build_data
 from visiontrain.data.loaders import build_loader, check_sampler
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
+from visiontrain.engine.distributed import Dist, current
+from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.lr_find import resolve_lr_find, write_lr_find
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, build_schedule
-from visiontrain.engine.seed import seed_everything, set_deterministic
+from visiontrain.engine.seed import sample_seed, seed_everything, set_deterministic
 from visiontrain.engine.signals import StopFlag
 from visiontrain.engine.trainer import Loaders, Trainer
+from visiontrain.engine.wrap import TrainModel, convert_sync_bn, enable_activation_checkpointing
 from visiontrain.errors import ConfigError, UserError, did_you_mean
 from visiontrain.io import atomic_write_json, atomic_write_text
 from visiontrain.models import create_model
@@ -44,9 +48,12 @@ from visiontrain.tracking.tensorboard import TensorBoardLogger
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu.")
+    if name == "cuda":
+        # Under torchrun each process owns GPU LOCAL_RANK (set by distributed_session).
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -60,7 +67,9 @@ def set_cpu_threads(device: torch.device, num_workers: int) -> None:
     """
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+    # Several processes on one machine (torchrun) share its cores.
+    cores = (os.cpu_count() or 1) // current().local_world_size
+    torch.set_num_threads(max(1, cores - num_workers))
 
 
 def build_model(cfg: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
@@ -155,7 +164,14 @@ def build_loaders(cfg: Config, bundle: DataBundle, device: torch.device) -> Load
     """Train, val and test loaders with the run's seed (``num_workers=auto`` resolved first)."""
     resolve_auto_workers(cfg, bundle, device)
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    kw: dict[str, Any] = {"seed": cfg.train.seed, "pin_memory": pin, "task": cfg.task}
+    dist = current()
+    kw: dict[str, Any] = {
+        "seed": cfg.train.seed,
+        "pin_memory": pin,
+        "task": cfg.task,
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+    }
     return Loaders(
         train=build_loader(bundle.train, bundle, cfg.data, train=True, **kw),
         val=build_loader(bundle.val, bundle, cfg.data, train=False, **kw),
@@ -200,6 +216,7 @@ class Parts:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loaders: Loaders
+    notes: list[str]
 
 
 def build_parts(cfg: Config) -> Parts:
@@ -224,9 +241,20 @@ def build_parts(cfg: Config) -> Parts:
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
     model = build_model(cfg, bundle, device)
+    notes: list[str] = []
+    dist = current()
+    if cfg.train.sync_bn:
+        model, note = convert_sync_bn(model, dist, device)
+        notes.append(note)
+    if cfg.train.activation_checkpointing:
+        notes.append(enable_activation_checkpointing(model, cfg.model.name))
     optimizer = build_optimizer(buildable_optim(cfg.optim), model)
     loaders = build_loaders(cfg, bundle, device)
-    return Parts(device, bundle, task, model, optimizer, loaders)
+    if dist.rank > 0:
+        # Same initial weights on every rank (seeded alike above; DDP broadcasts rank 0's
+        # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
+        seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
+    return Parts(device, bundle, task, model, optimizer, loaders, notes)
 
 
 def build_trainer(
@@ -238,7 +266,15 @@ def build_trainer(
     ``check_only``), ``cfg.optim.lr`` becomes its suggestion, and the test's
     ``lr_find.json``/``lr_find.png`` go into the run directory.
     """
-    plan = plan_run(cfg)
+    dist = current()
+    # Rank 0 names the run and finds what to resume; the others take its answer (their
+    # clocks and disks may differ).
+    plan = dist.run_on_main(lambda: plan_run(cfg))
+    if dist.enabled and cfg.optim.lr == "find":
+        raise ConfigError(
+            "optim.lr=find runs the range test in one process; under torchrun run "
+            "`visiontrain lr-find` first and pass its suggestion as optim.lr."
+        )
     if cfg.optim.lr == "find" and plan.resume_from is not None:
         raise ConfigError(
             f"optim.lr=find with a resumed run ({plan.resume_from}): the run's learning rate "
@@ -253,7 +289,16 @@ def build_trainer(
     )
     schedule = build_schedule(optimizer, cfg.schedule, buildable_optim(cfg.optim), horizon)
     precision = Precision(cfg.train.precision, device)
-    resume_state = load_checkpoint(plan.resume_from) if plan.resume_from else None
+    resume_state = (
+        dist.run_on_main(lambda: load_checkpoint(plan.resume_from)) if plan.resume_from else None
+    )
+    from visiontrain.tracking.mlflow import build_mlflow_logger
+
+    # Before the run folder exists: a missing MLflow or a store that cannot open stops here
+    # (--check opens no store: a new SQLite store would be a file written).
+    mlflow_logger = (
+        build_mlflow_logger(cfg, plan.run_dir, connect=not check_only) if dist.is_main else None
+    )
     if check_only:
         return None
     lr_test = None
@@ -265,18 +310,23 @@ def build_trainer(
         schedule = build_schedule(optimizer, cfg.schedule, cfg.optim, horizon)
 
     run_dir = plan.run_dir
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     resume_step = resume_state["counters"]["global_step"] if resume_state else None
     if resume_state is None and cfg.run.resume == "auto" and (run_dir / "metrics.jsonl").exists():
         resume_step = -1  # a run that died before its first checkpoint: start its log anew
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", cfg.run.keep_last, cfg.run.save_every_steps
+        run_dir / "checkpoints", cfg.run.keep_last, cfg.run.save_every_steps, dist.is_main
     )
-    callbacks: list[Callback] = [
-        JsonlLogger(run_dir / "metrics.jsonl", resume_step),
-        TensorBoardLogger(run_dir / "tb", None if resume_step is None else resume_step + 1),
-        ProgressPrinter(choose_mode(cfg.train.progress), console),
-    ]
+    callbacks: list[Callback] = []
+    if dist.is_main:  # one writer of logs and one progress display per job
+        callbacks.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step))
+        if "tensorboard" in cfg.run.loggers:
+            purge = None if resume_step is None else resume_step + 1
+            callbacks.append(TensorBoardLogger(run_dir / "tb", purge))
+        if mlflow_logger is not None:
+            callbacks.append(mlflow_logger)
+        callbacks.append(ProgressPrinter(choose_mode(cfg.train.progress), console))
     if cfg.train.early_stopping.patience:
         es = cfg.train.early_stopping
         callbacks.append(EarlyStopping(es.patience, es.min_delta))
@@ -296,6 +346,9 @@ def build_trainer(
         callbacks=callbacks,
         console=console,
         stop_flag=stop_flag,
+        train_model=TrainModel(model, dist, device, cfg.train.compile, _say(console, dist)),
+        ema=ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None,
+        dist=dist,
     )
     if schedule.interval == "metric":
         schedule.scheduler.mode = trainer.monitor_mode
@@ -304,35 +357,61 @@ def build_trainer(
             threshold=schedule.scheduler.threshold,
             threshold_mode=schedule.scheduler.threshold_mode,
         )
+    say = _say(console, dist)
     if resume_state is not None:
         trainer.load_state(resume_state, plan.resume_from)
-        console.print(
+        say(
             f"resuming from {plan.resume_from} (epoch {trainer.epochs_done + 1}, batch "
-            f"{trainer.batch_in_epoch}, step {trainer.global_step})",
-            highlight=False,
+            f"{trainer.batch_in_epoch}, step {trainer.global_step})"
         )
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_json(run_dir / "env.json", environment(device))
-    if lr_test is not None:
-        write_lr_find(lr_test, run_dir)
-    for note in [*bundle.notes, *task.describe()]:
-        console.print(f"note: {note}", highlight=False)
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_json(run_dir / "env.json", environment(device, dist.world_size))
+        if lr_test is not None:
+            write_lr_find(lr_test, run_dir)
+    if dist.enabled:
+        parts.notes.append(
+            f"DDP: {dist.world_size} processes ({dist.backend}), {cfg.data.batch_size} images "
+            f"per process per step: global batch {cfg.data.batch_size * dist.world_size}"
+            + (f" x {cfg.train.accumulate} accumulated" if cfg.train.accumulate > 1 else "")
+        )
+    for note in [*bundle.notes, *task.describe(), *parts.notes]:
+        say(f"note: {note}")
     return trainer
 
 
-def fit_and_summarise(trainer: Trainer, start: float) -> dict[str, Any]:
-    """Train, close every callback (also when training raises), write summary.json.
+def _say(console: Console, dist: Dist) -> Callable[[str], None]:
+    """Print a line for the user from rank 0 only."""
+
+    def say(message: str) -> None:
+        if dist.is_main:
+            console.print(message, highlight=False)
+
+    return say
+
+
+def fit_and_summarise(trainer: Trainer, start: float, report: bool = False) -> dict[str, Any]:
+    """Train, write summary.json (and report.html), then close every callback.
+
+    The callbacks close last (also when training raises), so that a logger uploading the
+    run's files at close (MLflow) finds the summary and the report.
 
     Args:
         trainer: a built trainer.
         start: ``time.perf_counter()`` when the command started, for the total time.
+        report: write ``report.html`` and ``plots/`` (rank 0; ``tune`` trials do not).
     """
     try:
         trainer.fit()
+        summary = write_summary(trainer, time.perf_counter() - start)
+        if report and trainer.dist.is_main:
+            from visiontrain.report import write_report
+
+            write_report(trainer.run_dir)
     finally:
         for cb in trainer.callbacks:
             cb.close()
-    return write_summary(trainer, time.perf_counter() - start)
+    return summary
 
 
 def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
@@ -359,7 +438,9 @@ def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
             "eval_s": round(trainer.timings["eval_s"], 3),
         },
         "device": str(trainer.device),
+        "world_size": trainer.dist.world_size,
         "precision": trainer.cfg.train.precision,
     }
-    atomic_write_json(trainer.run_dir / "summary.json", summary)
+    if trainer.dist.is_main:
+        atomic_write_json(trainer.run_dir / "summary.json", summary)
     return summary

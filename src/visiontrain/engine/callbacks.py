@@ -62,8 +62,12 @@ class Checkpointer(Callback):
 
     name = "checkpointer"
 
-    def __init__(self, folder: Path, keep_last: int, save_every_steps: int | None) -> None:
+    def __init__(
+        self, folder: Path, keep_last: int, save_every_steps: int | None, write: bool = True
+    ) -> None:
         self.folder = folder
+        # Under DDP every rank builds the state (it gathers each rank's RNG), rank 0 writes.
+        self.write = write
         self.keep_last = keep_last
         self.save_every_steps = save_every_steps
         self.best_score: float | None = None
@@ -74,7 +78,9 @@ class Checkpointer(Callback):
     def save_last(self, trainer: Trainer) -> Path:
         """Write last.pt now (also used on SIGINT/SIGTERM)."""
         path = self.folder / "last.pt"
-        save_checkpoint(path, trainer.checkpoint_state())
+        state = trainer.checkpoint_state()
+        if self.write:
+            save_checkpoint(path, state)
         return path
 
     def store_task_state(self, task_state: dict[str, Any]) -> None:
@@ -84,6 +90,8 @@ class Checkpointer(Callback):
         last.pt when no epoch improved), which ``predict`` and ``eval`` read. The file is
         rewritten atomically.
         """
+        if not self.write:
+            return
         for name in ("best.pt", "last.pt"):
             path = self.folder / name
             if path.is_file():
@@ -108,6 +116,8 @@ class Checkpointer(Callback):
             self.best_metrics = trainer.results.get("val_last")
             trainer.improved = True
         state = trainer.checkpoint_state()
+        if not self.write:
+            return
         save_checkpoint(self.folder / "last.pt", state)
         if trainer.improved:
             save_checkpoint(self.folder / "best.pt", state)

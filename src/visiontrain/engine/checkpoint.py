@@ -42,7 +42,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"create ({_first_line(exc)}). Only checkpoints written by visiontrain load; "
             "never load a checkpoint from an untrusted source with weights_only=False."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (
+        RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError
+    ) as exc:  # fmt: skip
+        # A truncated file fails inside the unpickler with any of these.
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a PyTorch file ({_first_line(exc)}). "
             "Resume from another checkpoint (checkpoints/ keeps the last few) or start anew."
@@ -61,6 +64,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no `{key}` entry; it is incomplete.")
     return state
+
+
+def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint was evaluated with: its EMA when trained with ``train.ema``."""
+    ema = state.get("ema")
+    return ema["module"] if ema else state["model"]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,11 +22,14 @@ from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
+from visiontrain.engine.distributed import Dist, current
+from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
-from visiontrain.engine.seed import capture_rng, restore_rng
+from visiontrain.engine.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.engine.signals import StopFlag
-from visiontrain.errors import CheckpointError, ConfigError, Interrupted
+from visiontrain.engine.wrap import TrainModel
+from visiontrain.errors import EXIT_SIGTERM, CheckpointError, ConfigError, Interrupted
 from visiontrain.tasks.base import Task
 
 
@@ -75,8 +78,16 @@ class Trainer:
         callbacks: list[Callback],
         console: Console,
         stop_flag: StopFlag | None = None,
+        train_model: TrainModel | None = None,
+        ema: ModelEma | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.bundle = cfg, run_dir, bundle
+        self.dist = dist if dist is not None else current()
+        # Training steps run through DDP/compile; evaluation and checkpoints use the plain
+        # module (or its EMA), whose parameter names never carry a wrapper's prefix.
+        self.train_model = train_model or TrainModel(model, self.dist, device, False, print)
+        self.ema = ema
         self.model, self.task, self.optimizer = model, task, optimizer
         self.schedule, self.precision, self.device = schedule, precision, device
         self.loaders, self.horizon = loaders, horizon
@@ -146,31 +157,49 @@ class Trainer:
             group_start = i - i % accumulate
             # A short remainder at the epoch's end still updates, averaged over its own size.
             group_len = min(accumulate, n_batches - group_start)
+            updates_now = i + 1 - group_start == group_len
             if batch["skipped"]:
                 self.skipped.update(batch["skipped"])
             if batch["image"] is not None:
-                self.train_step(batch, 1.0 / group_len)
+                self.train_step(batch, 1.0 / group_len, sync=updates_now)
             self.batch_in_epoch += 1
-            if i + 1 - group_start == group_len:
+            if updates_now:
                 self.at_epoch_end = self.batch_in_epoch == n_batches
                 self._update()
-                if self.global_step % self.cfg.train.log_every == 0 or self.at_epoch_end:
+                log_due = self.global_step % self.cfg.train.log_every == 0 or self.at_epoch_end
+                if log_due:
                     self._log_train()
                 self._fire("on_update")
-                self._check_stop()
+                # Under DDP the ranks agree on stopping at log steps only: one tiny
+                # all-reduce per log interval instead of one per update.
+                self._check_stop(sync_point=log_due)
         self._accum.epoch_seconds += time.perf_counter() - start
         self.timings["train_s"] += time.perf_counter() - start
         self._log_train_epoch()
 
-    def train_step(self, batch: dict[str, Any], scale: float) -> None:
-        """Forward and backward of one micro-batch; the loss stays on the device."""
+    def train_step(self, batch: dict[str, Any], scale: float, sync: bool = True) -> None:
+        """Forward and backward of one micro-batch; the loss stays on the device.
+
+        Args:
+            batch: the collated batch.
+            scale: the micro-batch's share of the update (1 / accumulation group size).
+            sync: whether an update follows; DDP all-reduces gradients only then.
+        """
         x = self._prepare(batch["image"])
         y = to_device(batch["target"], self.device)
-        with self.precision.autocast():
-            out = self.task.forward(self.model, x, y)
-        losses = self.task.loss(out, y)
+        result: dict[str, dict[str, torch.Tensor]] = {}
+
+        def step() -> None:
+            with self.train_model.no_sync(sync):
+                with self.precision.autocast():
+                    out = self.task.forward(self.train_model, x, y)
+                losses = self.task.loss(out, y)
+                self.precision.scaler.scale(losses["loss"] * scale).backward()
+            result["losses"] = losses
+
+        self.train_model.first_step(step, lambda: self.optimizer.zero_grad(set_to_none=True))
+        losses = result["losses"]
         loss = losses["loss"]
-        self.precision.scaler.scale(loss * scale).backward()
         acc = self._accum
         acc.interval_loss += loss.detach()
         for name, part in losses.items():
@@ -183,7 +212,11 @@ class Trainer:
     def evaluate(self, loader: DataLoader, split: str, emit: bool = True) -> dict[str, Any]:
         """Metrics of the current weights on one split (eval mode, inference mode)."""
         start = time.perf_counter()
-        self.model.eval()
+        model = self.eval_model
+        # DDP keeps parameters equal, but each rank's last forward updated its own BatchNorm
+        # statistics: evaluate (and checkpoint) rank 0's, on every rank.
+        self.dist.broadcast_module(model, buffers_only=True)
+        model.eval()
         self.task.reset_metrics()
         with torch.inference_mode():
             for batch in loader:
@@ -194,8 +227,12 @@ class Trainer:
                 x = self._prepare(batch["image"])
                 y = to_device(batch["target"], self.device)
                 with self.precision.autocast():
-                    out = self.task.infer(self.model, x)
+                    out = self.task.infer(model, x)
                 self.task.update_metrics(out, y)
+            if self.dist.enabled:
+                # Each rank saw its own samples once; after this every rank holds the
+                # metric state of the whole split, so all compute the same numbers.
+                self.task.sync_metrics(self.dist)
         metrics = self.task.compute_metrics()
         self.model.train()
         self.timings["eval_s"] += time.perf_counter() - start
@@ -203,9 +240,14 @@ class Trainer:
             self._emit({"split": split, "kind": "eval", **metrics})
         return metrics
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluated and kept as best: the EMA when ``train.ema`` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def console(self, message: str) -> None:
-        """Print a line for the user (through the progress bar's console)."""
-        if self.cfg.train.progress != "none":
+        """Print a line for the user (through the progress bar's console); rank 0 only."""
+        if self.cfg.train.progress != "none" and self.dist.is_main:
             self._console.print(message, highlight=False)
 
     # ------------------------------------------------------------------ internals
@@ -236,6 +278,8 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         if self.schedule.interval == "step":
             self.schedule.scheduler.step()
         self.global_step += 1
@@ -243,13 +287,21 @@ class Trainer:
     def _log_train(self) -> None:
         acc = self._accum
         now = time.perf_counter()
-        batches = max(acc.interval_batches, 1)
+        counts = torch.tensor(
+            [acc.interval_batches, acc.interval_samples],
+            dtype=acc.interval_loss.dtype,
+            device=acc.interval_loss.device,
+        )
+        stacked = torch.stack([acc.interval_loss, *acc.interval_parts.values()])
+        # Under DDP the logged loss is the mean over every rank's batches (one all-reduce).
+        stacked = self.dist.sum_(torch.cat([stacked, counts]))
         # The one host sync per log interval: the loss and every loss term read together.
-        sums = torch.stack([acc.interval_loss, *acc.interval_parts.values()]).tolist()
+        *sums, n_batches, n_samples = stacked.tolist()
+        batches = max(n_batches, 1)
         loss_sum = sums[0]
         acc.epoch_loss += loss_sum
-        acc.epoch_batches += acc.interval_batches
-        acc.epoch_samples += acc.interval_samples
+        acc.epoch_batches += int(n_batches)
+        acc.epoch_samples += int(n_samples)
         parts = {
             f"loss_{k}": v / batches for k, v in zip(acc.interval_parts, sums[1:], strict=True)
         }
@@ -260,7 +312,7 @@ class Trainer:
             **parts,
             "lr": self.last_lr,
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
-            "samples_per_s": acc.interval_samples / max(now - acc.interval_start, 1e-9),
+            "samples_per_s": n_samples / max(now - acc.interval_start, 1e-9),
         }
         acc.interval_loss.zero_()
         acc.interval_parts = {}
@@ -298,10 +350,19 @@ class Trainer:
 
     def _restore_best(self) -> None:
         best = self.checkpointer.folder / "best.pt"
-        if best.is_file() and self.checkpointer.best_epoch is not None:
-            from visiontrain.engine.checkpoint import load_checkpoint
+        # Every rank knows whether there is a best epoch (they saw the same metrics); only
+        # rank 0 reads the file, then broadcasts the weights (no shared disk needed).
+        if self.checkpointer.best_epoch is not None and (best.is_file() or not self.dist.is_main):
+            if self.dist.is_main:
+                from visiontrain.engine.checkpoint import load_checkpoint
 
-            self.model.load_state_dict(load_checkpoint(best)["model"])
+                state = load_checkpoint(best)
+                self.model.load_state_dict(state["model"])
+                if self.ema is not None:
+                    self.ema.load_state_dict(state["ema"])
+            self.dist.broadcast_module(self.model)
+            if self.ema is not None:
+                self.dist.broadcast_module(self.ema.module)
             self.results["val"] = self.checkpointer.best_metrics or self.results.get("val_last", {})
         else:
             self.results["val"] = self.results.get("val_last", {})
@@ -326,12 +387,16 @@ class Trainer:
                 f"F1 {info['val_f1']:.3f}" + (f" — {info['note']}" if info.get("note") else "")
             )
 
-    def _check_stop(self) -> None:
-        if not self.stop_flag:
+    def _check_stop(self, sync_point: bool = True) -> None:
+        if self.dist.enabled:
+            # A signal may reach one rank only; all stop together, at the same step.
+            if not sync_point or not self.dist.any(bool(self.stop_flag)):
+                return
+        elif not self.stop_flag:
             return
         path = self.checkpointer.save_last(self)
         raise Interrupted(
-            self.stop_flag.exit_code,
+            self.stop_flag.exit_code or EXIT_SIGTERM,
             f"stopped by signal at epoch {self.epoch + 1}, step {self.global_step}; saved "
             f"{path}. Resume with the same command plus run.name={self.run_dir.name} "
             f"run.resume=auto (or run.resume={path}).",
@@ -391,8 +456,13 @@ class Trainer:
         sched = self.schedule.scheduler
         acc = self._accum
         b = self.bundle
+        rng = capture_rng()
         return {
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "world_size": self.dist.world_size,
+            # Each rank's RNG (dropout masks differ per rank); a collective under DDP.
+            "rng_by_rank": self.dist.gather([rng]) if self.dist.enabled else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": self.precision.scaler.state_dict(),
@@ -416,7 +486,7 @@ class Trainer:
             },
             "timings": dict(self.timings),
             "skipped": sorted(self.skipped),
-            "rng": capture_rng(),
+            "rng": rng,
             "config": self.cfg.to_dict(),
             "task": self.task.name,
             "task_state": self.task.state_dict(),
@@ -456,8 +526,15 @@ class Trainer:
             cb.load_state_dict(state["callbacks"].get(cb.name, {}))
         counters = state["counters"]
         self.epochs_done = self.epoch = counters["epochs_done"]
-        self.batch_in_epoch = counters["batch_in_epoch"]
+        self.batch_in_epoch = self._resume_batch(counters["batch_in_epoch"], state)
         self.global_step = counters["global_step"]
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(
+                    f"checkpoint {path} was trained without train.ema, so it has no averaged "
+                    "weights to continue. Resume with train.ema=false, or start a new run."
+                )
+            self.ema.load_state_dict(state["ema"])
         acc = state["accum"]
         self._accum.interval_loss = acc["interval_loss"].to(self.device)
         self._accum.interval_parts = {
@@ -476,7 +553,37 @@ class Trainer:
         self.skipped.update(state.get("skipped", []))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.task.load_state_dict(state.get("task_state", {}))
-        restore_rng(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank and len(by_rank) == self.dist.world_size:
+            restore_rng(by_rank[self.dist.rank])
+        else:
+            restore_rng(state["rng"])
+            if self.dist.rank > 0:
+                # A new process layout: fresh, distinct, reproducible streams per rank.
+                seed_everything(sample_seed(self.cfg.train.seed, self.global_step, self.dist.rank))
+
+    def _resume_batch(self, batch_in_epoch: int, state: dict[str, Any]) -> int:
+        """Where this epoch continues; recomputed when the number of processes changed.
+
+        Ranks take the epoch's order by stride, so N processes that each ran ``b`` batches
+        of ``B`` consumed its first ``b·B·N`` samples. With M processes the epoch resumes
+        at the last accumulation-group boundary before that position (a few samples may
+        be seen twice; none are skipped).
+        """
+        saved_world = int(state.get("world_size", 1))
+        world = self.dist.world_size
+        if saved_world == world or batch_in_epoch == 0:
+            return batch_in_epoch
+        batch = self.cfg.data.batch_size
+        consumed = batch_in_epoch * batch * saved_world
+        group = batch * world * self.cfg.train.accumulate
+        resumed = consumed // group * self.cfg.train.accumulate
+        self.console(
+            f"note: checkpoint written by {saved_world} processes, resumed by {world}: this "
+            f"epoch continues at batch {resumed} ({consumed - resumed * batch * world} of "
+            f"its {consumed} samples seen so far are repeated)"
+        )
+        return resumed
 
 
 def to_device(target: Any, device: torch.device) -> Any:

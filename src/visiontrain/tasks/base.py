@@ -15,6 +15,7 @@ from torch import nn
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
+from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError, did_you_mean
 
 
@@ -97,6 +98,14 @@ class Task:
             What was chosen, for summary.json, or None when the task tunes nothing.
         """
         return None
+
+    def sync_metrics(self, dist: Dist) -> None:
+        """Merge every DDP rank's metric state, so that each rank computes the same numbers.
+
+        Each rank evaluated a disjoint shard (no padding); after this call
+        :meth:`compute_metrics` on any rank equals a single-process evaluation.
+        """
+        raise NotImplementedError(f"task {self.name} cannot evaluate across processes")
 
     def describe(self) -> list[str]:
         """Lines printed at the start of training: the weights and sampling in force."""

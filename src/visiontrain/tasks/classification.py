@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
+from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
@@ -72,14 +73,17 @@ class ClassificationTask(Task):
             )
         self.threshold: float | None = 0.5 if self.binary else None
         self.threshold_info: dict[str, Any] | None = None
+        # sync_on_compute off: under DDP the task gathers its own per-sample state
+        # (sync_metrics), so torchmetrics must not add the ranks' counts a second time.
+        kw = {"sync_on_compute": False}
         self.metrics = MetricCollection(
             {
-                "accuracy": MulticlassAccuracy(n, average="micro"),
-                "macro_f1": MulticlassF1Score(n, average="macro"),
-                "precision": MulticlassPrecision(n, average=None),
-                "recall": MulticlassRecall(n, average=None),
-                "f1": MulticlassF1Score(n, average=None),
-                "confusion": MulticlassConfusionMatrix(n),
+                "accuracy": MulticlassAccuracy(n, average="micro", **kw),
+                "macro_f1": MulticlassF1Score(n, average="macro", **kw),
+                "precision": MulticlassPrecision(n, average=None, **kw),
+                "recall": MulticlassRecall(n, average=None, **kw),
+                "f1": MulticlassF1Score(n, average=None, **kw),
+                "confusion": MulticlassConfusionMatrix(n, **kw),
             }
         ).to(device)
         self._loss_sum = torch.zeros((), device=device)
@@ -95,6 +99,7 @@ class ClassificationTask(Task):
         self._loss_sum.zero_()
         self._count.zero_()
         self._scores, self._targets = [], []
+        self._preds: list[torch.Tensor] = []
 
     def update_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:  # noqa: D102
         # Sum, not mean, so that the last (smaller) batch weighs by its size.
@@ -106,10 +111,33 @@ class ClassificationTask(Task):
             self._targets.append(target)
         else:
             # Softmax and sigmoid are monotonic: the argmax of the logits is the decision.
-            self.metrics.update(output.argmax(dim=1), target)
+            # Kept per sample (one int each) so that DDP ranks can exchange them.
+            self._preds.append(output.argmax(dim=1))
+            self._targets.append(target)
+
+    def sync_metrics(self, dist: Dist) -> None:  # noqa: D102
+        dist.sum_(self._loss_sum)
+        dist.sum_(self._count)
+        dtype = torch.float32 if self.binary else torch.long
+        mine = self._scores if self.binary else self._preds
+        values = dist.gather_rows(torch.cat(mine) if mine else self._empty(dtype))
+        targets = dist.gather_rows(
+            torch.cat(self._targets) if self._targets else self._empty(torch.long)
+        )
+        self._targets = [targets]
+        if self.binary:
+            self._scores = [values]
+        else:
+            self._preds = [values]
+
+    def _empty(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(0, dtype=dtype, device=self._loss_sum.device)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
         extra: dict[str, Any] = {}
+        if not self.binary and self._preds:
+            self.metrics.reset()
+            self.metrics.update(torch.cat(self._preds), torch.cat(self._targets))
         if self.binary and self._scores:
             scores, targets = torch.cat(self._scores), torch.cat(self._targets)
             self.metrics.reset()

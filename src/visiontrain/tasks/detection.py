@@ -16,6 +16,7 @@ from torch import nn
 
 from visiontrain.config import Config, refuse_unused
 from visiontrain.data.sources import DataBundle
+from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.metrics import DetectionMetrics
@@ -127,6 +128,9 @@ class DetectionTask(Task):
 
     def update_metrics(self, output: Detections, target: Any) -> None:  # noqa: D102
         self.metrics.update(output, target)
+
+    def sync_metrics(self, dist: Dist) -> None:  # noqa: D102
+        self.metrics.sync(dist.gather)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
         metrics = self.metrics.compute()

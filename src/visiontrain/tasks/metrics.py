@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ class DetectionMetrics:
     def reset(self) -> None:
         """Forget every prediction and target seen so far."""
         self._image_ids: list[int] = []
+        self._given_ids: list[Any] = []
         self._preds: list[dict[str, Tensor]] = []
         self._targets: list[dict[str, Tensor]] = []
         self._used_ids: set[int] = set()
@@ -134,9 +136,26 @@ class DetectionMetrics:
                     raise ValueError(
                         f"{what} label out of range [0, {n}): {sorted(set(labels.tolist()))}"
                     )
+            self._given_ids.append(target.get("image_id"))
             self._image_ids.append(self._take_id(target.get("image_id")))
             self._preds.append({"boxes": p_boxes, "scores": p_scores, "labels": p_labels})
             self._targets.append({"boxes": t_boxes, "labels": t_labels})
+
+    def sync(self, gather: Callable[[list[Any]], list[Any]]) -> None:
+        """Hold every process's images instead of this one's (DDP evaluation).
+
+        Args:
+            gather: joins each process's per-image list in the dataset's order (as
+                ``Dist.gather``), so that images without an ``image_id`` get the ids a
+                single process would have given them.
+        """
+        everything = gather(list(zip(self._given_ids, self._preds, self._targets, strict=True)))
+        self.reset()
+        for given, pred, target in everything:
+            self._given_ids.append(given)
+            self._image_ids.append(self._take_id(given))
+            self._preds.append(pred)
+            self._targets.append(target)
 
     def _take_id(self, given: Any) -> int:
         """The COCO image id of the next image: the given one, else the next unused one."""
@@ -311,6 +330,10 @@ class SegmentationMetrics:
         c = self.num_classes
         # C*C confusion cells, then three tally bins: ignored, bad target, bad prediction.
         self._counts = torch.zeros(c * c + 3, dtype=torch.int64, device=self.device)
+
+    def sync(self, sum_: Callable[[Tensor], Tensor]) -> None:
+        """Add every process's counts into this one's (DDP evaluation): exact integers."""
+        sum_(self._counts)
 
     def update(self, logits_or_preds: Tensor, target: Tensor) -> None:
         """Add one batch.

@@ -14,6 +14,7 @@ import torch
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
+from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError, DataError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
@@ -94,6 +95,11 @@ class RegressionTask(Task):
             [err.abs().sum(0), (err**2).sum(0), y.sum(0), (y**2).sum(0), err.sum(0)]
         )
         self._sums += stacked
+
+    def sync_metrics(self, dist: Dist) -> None:  # noqa: D102
+        dist.sum_(self._loss_sum)
+        dist.sum_(self._count)
+        dist.sum_(self._sums)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
         count = int(self._count)

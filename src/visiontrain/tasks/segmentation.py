@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
+from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
@@ -104,6 +105,11 @@ class SegmentationTask(Task):
         self._loss_sum += self.loss_fn(output, target).detach() * target.shape[0]
         self._count += target.shape[0]
         self.metrics.update(output, target)
+
+    def sync_metrics(self, dist: Dist) -> None:  # noqa: D102
+        dist.sum_(self._loss_sum)
+        dist.sum_(self._count)
+        self.metrics.sync(dist.sum_)
 
     def compute_metrics(self) -> dict[str, Any]:  # noqa: D102
         metrics = self.metrics.compute()

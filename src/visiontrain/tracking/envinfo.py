@@ -29,8 +29,8 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Describe the software and hardware a run used."""
+def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """Describe the software and hardware a run used (``world_size``: DDP processes)."""
     versions = {}
     for name in _PACKAGES:
         try:
@@ -46,6 +46,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "git_revision": _git_revision(),
         "command": sys.argv,
+        "world_size": world_size,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,0 +1,766 @@
+"""``visiontrain export``: a run's best weights as a ``.pt2`` or ``.onnx`` artifact, verified.
+
+The exported module takes what a deployment has in hand: uint8 images, NCHW, already
+fitted to the working size (centre crop, or letterbox for whole-image tasks). The
+normalisation (and, for regression, the de-standardisation of the targets) is inside,
+so the artifact's outputs are what ``predict`` turns into rows. ``model.json`` beside it
+says how to prepare images and read the outputs (docs/export.md).
+
+Detection (one-stage: FCOS, RetinaNet) exports the network only: its outputs are the
+head's raw tensors, and the data-dependent post-processing (score filter, NMS) runs in
+Python with the anchors and parameters stored beside the artifact (:class:`DetectionPost`).
+
+Nothing is declared done before a fresh Python process has loaded the file and matched
+the eager model on real validation images (:mod:`visiontrain.export_check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from visiontrain.errors import EXIT_FAILURE, EXIT_OK, UserError
+from visiontrain.inference import (
+    META_FILE,
+    META_FORMAT,
+    Loaded,
+    is_artifact,
+    load_trained,
+    read_meta,
+    resolve_checkpoint,
+)
+
+FORMATS = ("pt2", "onnx")
+DEFAULT_TOLERANCE = 1e-4
+# Enough images to exercise every output unit; few enough for a quick check.
+CHECK_IMAGES = 64
+LATENCY_BATCHES = (1, 32)
+
+
+class ExportModule(nn.Module):
+    """What is exported: uint8 NCHW images in, the task's outputs out.
+
+    Classification: logits. Regression: values in the targets' own units. Segmentation:
+    logits per pixel at the working size. Detection has its own: :class:`DetectionNetwork`.
+    """
+
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.normalizer = loaded.normalizer
+        self.task = loaded.task
+        state = loaded.task_state
+        # The model learnt standardised targets; the artifact answers in the data's units.
+        regress = self.task == "regression"
+        mean = torch.tensor(state["target_mean"] if regress else [0.0], dtype=torch.float32)
+        std = torch.tensor(state["target_std"] if regress else [1.0], dtype=torch.float32)
+        self.register_buffer("target_mean", mean, persistent=False)
+        self.register_buffer("target_std", std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> Any:  # noqa: D102
+        out = self.model(self.normalizer(images)).float()
+        if self.task == "regression":
+            out = out * self.target_std + self.target_mean
+        return out
+
+
+# ----------------------------------------------------------------------------- detection
+#
+# torchvision's one-stage detectors (FCOS, RetinaNet) end in score filtering, top-k and
+# NMS, whose output sizes depend on the data: torch.export either refuses them or bakes
+# in assertions about how many boxes survive. The standard deployment split exports the
+# network (normalisation, backbone, FPN, head) with fixed-shape outputs and keeps the
+# post-processing in Python, where torchvision's own code runs it (:class:`DetectionPost`).
+
+ANCHORS_FILE = "anchors.pt"
+# The head outputs of each one-stage architecture, in the artifact's output order.
+HEAD_OUTPUTS = {
+    "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
+    "retinanet": ("cls_logits", "bbox_regression"),
+}
+# Data labels are 0-based; the detectors reserve 0 for the background (tasks/detection.py).
+LABEL_OFFSET = 1
+
+
+def detector_architecture(model: nn.Module) -> str:
+    """``fcos`` or ``retinanet``: the one-stage detectors whose network exports.
+
+    Raises:
+        UserError: any other detector (Faster R-CNN, SSD), with the reason and what to do.
+    """
+    from torchvision.models.detection import FCOS, RetinaNet
+
+    if isinstance(model, FCOS):
+        return "fcos"
+    if isinstance(model, RetinaNet):
+        return "retinanet"
+    raise UserError(_DETECTION_LIMITS.format(model=type(model).__name__))
+
+
+class DetectionNetwork(nn.Module):
+    """The exportable part of a one-stage detector: uint8 images in, raw head outputs out.
+
+    Does what the detector's ``GeneralizedRCNNTransform`` does at the working size (its
+    normalisation and the zero padding to ``size_divisible``; the resize is a no-op there,
+    which :func:`detection_spec` verifies), then backbone, FPN and head. Every output has
+    a fixed shape ``[N, anchors, k]``, the head's outputs concatenated over FPN levels.
+    """
+
+    def __init__(self, model: nn.Module, normalizer: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.normalizer = normalizer
+        self.architecture = detector_architecture(model)
+        self.output_names = HEAD_OUTPUTS[self.architecture]
+        transform = model.transform
+        self.size_divisible = int(transform.size_divisible)
+        mean = torch.tensor(transform.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(transform.image_std, dtype=torch.float32)[:, None, None]
+        self.register_buffer("det_mean", mean, persistent=False)
+        self.register_buffer("det_std", std, persistent=False)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised and padded as the detector's transform batches them."""
+        x = (self.normalizer(images) - self.det_mean) / self.det_std
+        h, w = x.shape[-2:]
+        d = self.size_divisible
+        # batch_images pads right and bottom with zeros up to a multiple of the stride.
+        return nn.functional.pad(x, (0, -w % d, 0, -h % d))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: D102
+        features = list(self.model.backbone(self.prepare(images)).values())
+        head = self.model.head(features)
+        return tuple(head[name] for name in self.output_names)
+
+
+def detection_spec(
+    network: DetectionNetwork, images: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The post-processing description for ``model.json`` and the anchors of one image.
+
+    Anchors depend only on the image and feature-map sizes, fixed at the working size, so
+    they are computed once here with the detector's own anchor generator.
+
+    Raises:
+        UserError: the detector's transform resizes at the working size (so the exported
+            network would see other pixels than the eager model does).
+    """
+    from torchvision.models.detection.image_list import ImageList
+
+    model = network.model
+    example = images[:1]
+    size = tuple(example.shape[-2:])
+    with torch.inference_mode():
+        listed, _ = model.transform(list(network.normalizer(example)))
+        mine = network.prepare(example)
+        if (
+            listed.image_sizes != [size]
+            or listed.tensors.shape != mine.shape
+            or not bool(torch.allclose(listed.tensors, mine, atol=1e-6))
+        ):
+            raise UserError(
+                f"the detector's transform resizes {size[0]}x{size[1]} images to "
+                f"{listed.image_sizes[0]} (min_size {model.transform.min_size}, max_size "
+                f"{model.transform.max_size}); the exported network takes the working size "
+                "unchanged. Train with a detector built for the data's image size."
+            )
+        features = list(model.backbone(mine).values())
+        anchors = model.anchor_generator(ImageList(mine, [size]), features)[0]
+        outs = network(example)
+        shapes = {n: ["N", *t.shape[1:]] for n, t in zip(network.output_names, outs, strict=True)}
+        per_level = [int(f.shape[-2] * f.shape[-1]) for f in features]
+        cells = sum(per_level)
+        # RetinaNet has several anchors per location; FCOS one.
+        per_level = [n * (len(anchors) // cells) for n in per_level]
+    coder = model.box_coder
+    if network.architecture == "fcos":
+        box_coder = {"name": "BoxLinearCoder", "normalize_by_size": coder.normalize_by_size}
+    else:
+        box_coder = {
+            "name": "BoxCoder",
+            "weights": list(coder.weights),
+            "bbox_xform_clip": coder.bbox_xform_clip,
+        }
+    spec = {
+        "architecture": network.architecture,
+        "outputs": list(network.output_names),
+        "output_shapes": shapes,
+        "image_size": list(size),
+        "num_anchors_per_level": per_level,
+        "anchors": {"file": ANCHORS_FILE, "shape": list(anchors.shape), "sha256": None},
+        "box_coder": box_coder,
+        "score_thresh": float(model.score_thresh),
+        "nms_thresh": float(model.nms_thresh),
+        "detections_per_img": int(model.detections_per_img),
+        "topk_candidates": int(model.topk_candidates),
+        "label_offset": LABEL_OFFSET,
+    }
+    return spec, anchors.float().contiguous().clone()
+
+
+class DetectionPost:
+    """The post-processing of a detection artifact: raw head outputs to detections.
+
+    Runs torchvision's own ``postprocess_detections`` of the architecture (score filter,
+    top-k per level, box decoding, clipping, batched NMS) with the stored anchors and
+    parameters, so the detections equal the eager model's.
+
+    Args:
+        spec: The ``detection`` entry of ``model.json``.
+        anchors: ``[anchors, 4]`` tensor of one image (``anchors.pt``).
+    """
+
+    def __init__(self, spec: dict[str, Any], anchors: torch.Tensor) -> None:
+        from torchvision.models.detection import FCOS, RetinaNet
+        from torchvision.models.detection import _utils as det_utils
+
+        self.spec = spec
+        self.per_level = [int(n) for n in spec["num_anchors_per_level"]]
+        if anchors.shape != (sum(self.per_level), 4):
+            raise UserError(
+                f"anchors {tuple(anchors.shape)} do not match num_anchors_per_level "
+                f"(total {sum(self.per_level)}); export again."
+            )
+        self.anchors = list(anchors.split(self.per_level))
+        self.image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
+        coder = spec["box_coder"]
+        # postprocess_detections reads only these attributes of the detector.
+        self.box_coder = (
+            det_utils.BoxLinearCoder(normalize_by_size=bool(coder["normalize_by_size"]))
+            if coder["name"] == "BoxLinearCoder"
+            else det_utils.BoxCoder(
+                tuple(coder["weights"]), bbox_xform_clip=float(coder["bbox_xform_clip"])
+            )
+        )
+        self.score_thresh = float(spec["score_thresh"])
+        self.nms_thresh = float(spec["nms_thresh"])
+        self.detections_per_img = int(spec["detections_per_img"])
+        self.topk_candidates = int(spec["topk_candidates"])
+        self._postprocess = {"fcos": FCOS, "retinanet": RetinaNet}[
+            spec["architecture"]
+        ].postprocess_detections
+
+    @classmethod
+    def from_folder(cls, spec: dict[str, Any], folder: Path) -> DetectionPost:
+        """Load ``spec``'s anchors file from ``folder``, checking its sha256.
+
+        Raises:
+            UserError: the anchors file is missing, changed or unreadable.
+        """
+        path = folder / spec["anchors"]["file"]
+        if not path.is_file():
+            raise UserError(
+                f"{path} is missing: a detection artifact needs the anchors file that "
+                "`visiontrain export` writes beside it. Copy it along, or export again."
+            )
+        data = path.read_bytes()
+        want = spec["anchors"].get("sha256")
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise UserError(f"{path} does not match the sha256 in model.json; export again.")
+        try:
+            anchors = torch.load(path, weights_only=True)
+        except Exception as exc:  # zip and pickle errors alike mean an unusable file
+            raise UserError(f"{path} is not a torch tensor file ({exc}); export again.") from None
+        if not isinstance(anchors, torch.Tensor):
+            raise UserError(f"{path} holds no tensor; export again.")
+        return cls(spec, anchors)
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...]) -> list[dict[str, torch.Tensor]]:
+        """Detections per image from the artifact's outputs (a batch).
+
+        Returns:
+            Per image ``boxes`` float32 [K, 4] (x1 y1 x2 y2, pixels of the fitted square),
+            ``scores`` float32 [K] and ``labels`` int64 [K], 0-based class indices.
+        """
+        named = dict(zip(self.spec["outputs"], outputs, strict=True))
+        n = len(outputs[0])
+        split = {k: list(v.float().split(self.per_level, dim=1)) for k, v in named.items()}
+        with torch.inference_mode():
+            dets = self._postprocess(self, split, [self.anchors] * n, [self.image_size] * n)
+        offset = int(self.spec["label_offset"])
+        return [
+            {
+                "boxes": d["boxes"].float(),
+                "scores": d["scores"].float(),
+                "labels": d["labels"] - offset,
+            }
+            for d in dets
+        ]
+
+
+def detection_postprocess(
+    outputs: tuple[torch.Tensor, ...], model_json: str | Path
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from a detection artifact's outputs, as ``visiontrain predict`` makes them.
+
+    Args:
+        outputs: What the artifact returned for a batch of fitted uint8 images.
+        model_json: The ``model.json`` beside the artifact (``anchors.pt`` next to it).
+
+    Returns:
+        One dict per image: ``boxes`` [K, 4] x1 y1 x2 y2 in the fitted square's pixels,
+        ``scores`` [K], ``labels`` [K] 0-based indices into ``class_names``.
+    """
+    path = Path(model_json)
+    meta = json.loads(path.read_text())
+    if "detection" not in meta:
+        raise UserError(f"{path} does not describe a detection artifact.")
+    return DetectionPost.from_folder(meta["detection"], path.parent)(tuple(outputs))
+
+
+def export_module(loaded: Loaded) -> nn.Module:
+    """What is exported for the loaded model, in eval mode (see the module docstring)."""
+    if loaded.task == "detection":
+        return DetectionNetwork(loaded.model, loaded.normalizer).eval()
+    return ExportModule(loaded).eval()
+
+
+def eager_outputs(module: nn.Module, loaded: Loaded, images: torch.Tensor) -> Any:
+    """The reference: the eager module on the check images.
+
+    Detection: ``{"raw": head outputs, "detections": [(boxes, scores, labels), ...]}``,
+    the detections from the eager detector itself (``task.infer``, the path ``predict
+    RUN`` takes), so the check also proves the Python post-processing reproduces them.
+    """
+    from visiontrain.tasks.detection import DetectionTask
+
+    with torch.inference_mode():
+        if isinstance(module, DetectionNetwork):
+            raw = tuple(t.clone() for t in module(images))
+            dets = DetectionTask.infer(loaded.model, loaded.normalizer(images))
+            return {
+                "raw": raw,
+                "detections": [(d["boxes"], d["scores"], d["labels"]) for d in dets],
+            }
+        return module(images).clone()
+
+
+def check_images(loaded: Loaded, limit: int = CHECK_IMAGES) -> torch.Tensor:
+    """Up to ``limit`` validation images, preprocessed as the eval loader does (uint8)."""
+    from visiontrain.data import build_data
+    from visiontrain.engine.build import build_loaders
+
+    cfg = loaded.cfg
+    bundle = build_data(cfg.data, cfg.task)
+    if bundle.val is None:
+        raise UserError(f"data source {cfg.data.name} has no val split to check the export on.")
+    cpu = torch.device("cpu")
+    batches: list[torch.Tensor] = []
+    count = 0
+    for batch in build_loaders(cfg, bundle, cpu).val:
+        if batch["image"] is None:
+            continue
+        batches.append(batch["image"].cpu())
+        count += len(batches[-1])
+        if count >= limit:
+            break
+    if not batches:
+        raise UserError(f"the val split of {cfg.data.name} has no readable image to check with.")
+    images = torch.cat(batches)[:limit]
+    if images.dtype != torch.uint8:
+        raise UserError(f"the val loader gives {images.dtype} images; the export takes uint8.")
+    return images.contiguous()
+
+
+def export_artifact(
+    module: nn.Module, example: torch.Tensor, fmt: str, path: Path, dynamic: bool
+) -> None:
+    """Trace ``module`` and write the artifact atomically to ``path``."""
+    from visiontrain.io import atomic_write
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # A batch of 2 in the example: torch.export specialises a size of 1 to a constant.
+    example = example[:2] if dynamic else example[:1]
+    if dynamic and len(example) < 2:
+        example = example.repeat(2, 1, 1, 1)
+    shapes = ({0: batch},) if dynamic else None
+    if fmt == "pt2":
+        program = torch.export.export(module, (example,), dynamic_shapes=shapes)
+        atomic_write(path, lambda fh: torch.export.save(program, fh))
+        return
+    outputs = list(getattr(module, "output_names", ["output"]))
+    onnx_program = torch.onnx.export(
+        module,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=outputs,
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / path.name
+        onnx_program.save(str(staged))
+        if any(p.name != path.name for p in Path(tmp).iterdir()):
+            raise UserError("the model's weights went to external ONNX data files; not supported.")
+        atomic_write(path, lambda fh: fh.write(staged.read_bytes()))
+
+
+def describe(
+    loaded: Loaded,
+    fmt: str,
+    artifact: Path,
+    dynamic: bool,
+    detection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``model.json`` contract: how to feed the artifact and read what it returns."""
+    from visiontrain import __version__
+    from visiontrain.tasks.base import task_class
+
+    norm = loaded.normalizer
+    # The Normalizer keeps scale = 1/(255 std) and shift = -mean/std; undo for the record.
+    std = (1.0 / (norm.scale.flatten() * 255.0)).tolist()
+    mean = (-norm.shift.flatten() * torch.tensor(std)).tolist()
+    whole = task_class(loaded.task).whole_image
+    size = loaded.image_size
+    outputs = {
+        "classification": "output: float32 [N, classes] logits; probabilities by "
+        f"{loaded.task_state.get('activation', 'softmax')}",
+        "regression": "output: float32 [N, targets] values in the targets' own units "
+        "(de-standardised inside)",
+        "segmentation": f"output: float32 [N, classes, {size}, {size}] logits per pixel of the "
+        "fitted square; crop the padding and resize back to the file",
+        "detection": "the detector head's raw outputs, fixed shapes, levels concatenated: "
+        + ", ".join(
+            f"{n}: float32 [{', '.join(map(str, s))}]"
+            for n, s in (detection or {}).get("output_shapes", {}).items()
+        )
+        + "; detections by the Python post-processing described under `detection` "
+        "(visiontrain.export.detection_postprocess)",
+    }
+    return {
+        "format": META_FORMAT,
+        "version": 1,
+        # One entry per artifact in the folder: a pt2 and an onnx export share the rest.
+        "artifacts": {
+            artifact.name: {
+                "format": fmt,
+                "batch": "dynamic" if dynamic else 1,
+                "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
+            }
+        },
+        "task": loaded.task,
+        "class_names": loaded.class_names,
+        "target_names": loaded.target_names,
+        "task_state": loaded.task_state,
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "channels": loaded.in_channels,
+            "height": size,
+            "width": size,
+            "range": "0..255",
+            "batch": "see artifacts.<file>.batch: 1, or dynamic",
+            "normalisation": "inside the model: (x / 255 - mean) / std",
+        },
+        "preprocessing": {
+            "image_size": size,
+            "channels": loaded.in_channels,
+            "color": "RGB" if loaded.in_channels == 3 else "grayscale",
+            "fit": "fit_square" if whole else "center_crop",
+            "how": (
+                "longer side resized to image_size (aspect kept, antialiased), padded with 0 "
+                "right and bottom to a square"
+                if whole
+                else "shorter side resized to image_size (antialiased), then the centre "
+                "image_size x image_size square"
+            ),
+            "mean": mean,
+            "std": std,
+        },
+        "output": outputs[loaded.task],
+        **({"detection": detection} if detection else {}),
+        "source": {
+            "checkpoint": str(loaded.state.get("_path", "")),
+            "model": loaded.cfg.model.name,
+            "epoch": loaded.state.get("epoch"),
+        },
+        "versions": {"visiontrain": __version__, "torch": torch.__version__},
+    }
+
+
+def fresh_process_check(
+    artifact: Path,
+    images: torch.Tensor,
+    expected: Any,
+    tolerance: float,
+    fixed_batch: bool,
+    latency_runs: int,
+    detection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run :mod:`visiontrain.export_check` in a new process; its result dict.
+
+    ``detection`` (the ``model.json`` entry) makes the child post-process the artifact's
+    outputs with the anchors file beside it and compare the detections too.
+
+    Raises:
+        UserError: the artifact cannot be read (exit 2 of the child).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, refs, result = (Path(tmp) / n for n in ("inputs.pt", "expected.pt", "r.json"))
+        torch.save(images, inputs)
+        torch.save(expected, refs)
+        extra = []
+        if detection is not None:
+            spec = Path(tmp) / "detection.json"
+            spec.write_text(json.dumps(detection))
+            extra.append(f"--detection={spec}")
+        cmd = [
+            sys.executable,
+            "-m",
+            "visiontrain.export_check",
+            str(artifact),
+            f"--inputs={inputs}",
+            f"--expected={refs}",
+            f"--result={result}",
+            f"--tolerance={tolerance}",
+            f"--latency-runs={latency_runs}",
+            f"--batch-sizes={','.join(map(str, LATENCY_BATCHES))}",
+            *(["--fixed-batch"] if fixed_batch else []),
+            *extra,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode == 2:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+            raise UserError((lines[-1] if lines else proc.stderr.strip())[len("error: ") :])
+        if result.is_file():
+            return json.loads(result.read_text())
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        return {"passed": False, "max_abs_diff": float("inf"), "scale": 1.0, "reason": tail}
+
+
+def eager_latency(module: nn.Module, images: torch.Tensor, runs: int) -> dict[str, float]:
+    """Median ms per batch of the eager module (detection: the network, as exported)."""
+    from visiontrain.export_check import median_ms
+
+    out = {}
+    with torch.inference_mode():
+        for bs in LATENCY_BATCHES:
+            x = images.repeat(-(-bs // len(images)), 1, 1, 1)[:bs].contiguous()
+            out[str(bs)] = median_ms(lambda x=x: module(x), runs)
+    return out
+
+
+def latency_table(eager: dict[str, float], exported: dict[str, float], fmt: str) -> Table:
+    """Median ms per batch and images/s, eager vs exported."""
+    table = Table(title="latency (CPU, median of runs)")
+    for col in ("batch", "eager ms", "eager img/s", f"{fmt} ms", f"{fmt} img/s", "speedup"):
+        table.add_column(col, justify="right")
+    for bs, ms in eager.items():
+        ex = exported.get(bs)
+        n = int(bs)
+        table.add_row(
+            bs,
+            f"{ms:.2f}",
+            f"{n / ms * 1000:.0f}",
+            f"{ex:.2f}" if ex else "-",
+            f"{n / ex * 1000:.0f}" if ex else "-",
+            f"{ms / ex:.2f}x" if ex else "-",
+        )
+    return table
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    """Export (or with ``--verify``, re-check) a run's best weights; see the module docstring."""
+    if is_artifact(args.target):
+        raise UserError(
+            f"{args.target} is already an exported model; pass the run or checkpoint, and "
+            f"the artifact with --verify {args.target} to check it again."
+        )
+    ckpt = resolve_checkpoint(args.target)
+    loaded = load_trained(ckpt)
+    loaded.state["_path"] = str(ckpt)
+    # Refuse a two-stage detector before reading any image.
+    module = export_module(loaded)
+    detection: dict[str, Any] | None = None
+    if args.verify:
+        artifact = Path(args.verify)
+        meta = read_meta(artifact)
+        entry = meta["artifacts"][artifact.name]
+        fmt, dynamic = entry["format"], entry["batch"] == "dynamic"
+        # The stored post-processing is what predict uses, so that is what is verified.
+        detection = meta.get("detection") if loaded.task == "detection" else None
+        if loaded.task == "detection" and not isinstance(detection, dict):
+            raise UserError(f"{artifact.parent / META_FILE} has no `detection` entry; export again")
+    else:
+        fmt, dynamic = args.format, args.dynamic_batch
+        out_dir = Path(args.out) if args.out else _run_dir(ckpt) / "export"
+        artifact = out_dir / f"model.{fmt}"
+    images = check_images(loaded)
+    expected = eager_outputs(module, loaded, images)
+    if loaded.task == "detection" and not args.verify:
+        assert isinstance(module, DetectionNetwork)
+        detection = _write_anchors(module, images, artifact.parent)
+    if not args.verify:
+        start = time.perf_counter()
+        export_artifact(module, images, fmt, artifact, dynamic)
+        console.print(
+            f"exported {loaded.cfg.model.name} ({loaded.task}) to {artifact} "
+            f"[{artifact.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s]",
+            highlight=False,
+        )
+    result = fresh_process_check(
+        artifact, images, expected, args.tolerance, not dynamic, args.latency_runs, detection
+    )
+    line = (
+        f"check (fresh process, {len(images)} val images): max abs diff "
+        f"{result['max_abs_diff']:.3g}, allowed {args.tolerance:g} x {result['scale']:.3g}"
+    )
+    if detection is not None and "boxes" in result:
+        line += (
+            f"; after post-processing {result['boxes']} detections, labels equal, box diff "
+            f"{result['box_diff']:.3g}, score diff {result['score_diff']:.3g}"
+        )
+    if not result["passed"]:
+        print(f"{line}: FAILED", flush=True)
+        why = f" ({result['reason']})" if result.get("reason") else ""
+        print(
+            f"error: {artifact} does not reproduce the eager model{why}. "
+            + ("It was removed; nothing was exported." if not args.verify else "Export again."),
+            file=sys.stderr,
+            flush=True,
+        )
+        if not args.verify:
+            with contextlib.suppress(OSError):
+                artifact.unlink()
+        return EXIT_FAILURE
+    console.print(f"{line}: OK", highlight=False)
+    if not args.verify:
+        meta = describe(loaded, fmt, artifact, dynamic, detection)
+        check = {k: result[k] for k in ("images", "max_abs_diff", "tolerance", "scale")}
+        if detection is not None:
+            check.update({k: result[k] for k in ("boxes", "box_diff", "score_diff")})
+        meta["artifacts"][artifact.name]["check"] = check
+        from visiontrain.io import atomic_write_json
+
+        atomic_write_json(artifact.parent / META_FILE, _merge(artifact.parent / META_FILE, meta))
+        console.print(f"wrote {artifact.parent / META_FILE}", highlight=False)
+    if args.latency_runs > 0 and "latency_ms" in result:
+        eager = eager_latency(module, images, args.latency_runs)
+        console.print(latency_table(eager, result["latency_ms"], fmt))
+        if not dynamic:
+            console.print(
+                "batch 32 of a fixed-batch artifact is 32 calls of batch 1; "
+                "--dynamic-batch exports a batch axis",
+                highlight=False,
+            )
+    print(artifact, flush=True)
+    return EXIT_OK
+
+
+def _write_anchors(network: DetectionNetwork, images: torch.Tensor, folder: Path) -> dict:
+    """Write ``anchors.pt`` into ``folder``; the ``detection`` entry with its sha256.
+
+    Written before the check, which loads it from there as ``predict`` will. The file is
+    the same for every artifact of one checkpoint, so a pt2 and an onnx export share it.
+    """
+    from visiontrain.io import atomic_write
+
+    spec, anchors = detection_spec(network, images)
+    path = folder / spec["anchors"]["file"]
+    atomic_write(path, lambda fh: torch.save(anchors, fh))
+    spec["anchors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return spec
+
+
+_DETECTION_LIMITS = (
+    "{model} does not export: only the one-stage detectors (FCOS, RetinaNet: fcos_tiny, "
+    "fcos_resnet50_fpn, retinanet_resnet50_fpn_v2) do. Their network exports and the "
+    "post-processing (score filter, NMS) stays in Python. A two-stage detector such as "
+    "Faster R-CNN runs NMS on the region proposals between its two stages, so its second "
+    "stage has a data-dependent input size that torch.export cannot trace (RoI pooling "
+    "guards on the number of proposals); SSD resizes to its own 320 px input. Train an "
+    "fcos_tiny or retinanet model to export, export the checkpoint's backbone yourself, "
+    "or predict with the run or checkpoint (docs/export.md)"
+)
+
+
+def _merge(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` plus the entries of other artifacts an existing model.json lists.
+
+    Kept only when they come from the same checkpoint and their files are unchanged, so
+    that model.json never vouches for an artifact of other weights.
+    """
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return meta
+    if old.get("source") != meta["source"]:
+        return meta
+    for name, entry in (old.get("artifacts") or {}).items():
+        file = path.parent / name
+        if name in meta["artifacts"] or not file.is_file():
+            continue
+        if hashlib.sha256(file.read_bytes()).hexdigest() == entry.get("sha256"):
+            meta["artifacts"][name] = entry
+    meta["artifacts"] = dict(sorted(meta["artifacts"].items()))
+    return meta
+
+
+def _run_dir(ckpt: Path) -> Path:
+    """The run directory of ``run/checkpoints/x.pt``, else the checkpoint's folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` sub-command to the CLI's sub-parsers.
+
+    Args:
+        sub: The object returned by ``ArgumentParser.add_subparsers``.
+
+    Returns:
+        The ``export`` parser.
+    """
+    p = sub.add_parser(
+        "export",
+        help="export a run's best weights to .pt2 or .onnx, verified",
+        description="Export the best checkpoint (eval mode) with torch.export (pt2) or the "
+        "dynamo ONNX exporter (onnx). The artifact takes uint8 NCHW images fitted to the "
+        "working size, normalisation inside; model.json beside it gives the preprocessing, "
+        "class names and task state. A fresh process loads the file and compares it with "
+        "the eager model on validation images; a mismatch exits 1 and removes the file.",
+        epilog="Example: visiontrain export runs/defects-1 --format onnx --dynamic-batch; "
+        "then visiontrain predict runs/defects-1/export/model.onnx images/",
+    )
+    p.add_argument("target", metavar="RUN_OR_CKPT")
+    p.add_argument("--format", choices=FORMATS, default="pt2")
+    p.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="export a batch axis of any size (default: batch 1)",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/export)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="largest |exported - eager| allowed, relative to max(1, max|eager|) (1e-4)",
+    )
+    p.add_argument(
+        "--verify",
+        metavar="ARTIFACT",
+        help="do not export: check an existing artifact (with its model.json) against RUN",
+    )
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=20,
+        help="timed runs per batch size for the latency table; 0 skips it (20)",
+    )
+    p.set_defaults(func=cmd_export)
+    return p

@@ -1,0 +1,99 @@
+"""Bounded inference on validation images with the best checkpoint, for per-image figures.
+
+Only the first ``limit`` validation images are run (the val loader does not shuffle, so a
+rebuilt report shows the same images), which keeps a report to seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from visiontrain.errors import UserError
+from visiontrain.report.rundata import RunData
+
+
+@dataclass
+class Samples:
+    """Validation images with their targets and the model's outputs, one entry per image.
+
+    Attributes:
+        images: uint8 CHW tensors as the model saw them (before normalisation).
+        targets: The loader's target per image (class index, values, box dict, mask).
+        outputs: The task's ``infer`` output per image, on the CPU.
+        names: Class names (classification, detection, segmentation) or target names.
+        task_state: The checkpoint's task state (threshold, activation, target scaling).
+        total: Images in the val split (``len(images)`` may be fewer).
+    """
+
+    images: list[torch.Tensor]
+    targets: list[Any]
+    outputs: list[Any]
+    names: list[str]
+    task_state: dict[str, Any]
+    total: int
+
+
+def _unbatch(value: Any) -> list[Any]:
+    """One CPU item per image from a batch tensor or a list of per-image dicts."""
+    if isinstance(value, torch.Tensor):
+        return list(value.detach().float().cpu() if value.is_floating_point() else value.cpu())
+    return [
+        {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        if isinstance(item, dict)
+        else item
+        for item in value
+    ]
+
+
+@torch.inference_mode()
+def collect_samples(run: RunData, limit: int) -> Samples:
+    """Run the best checkpoint on the first ``limit`` validation images.
+
+    Args:
+        run: The run (its ``checkpoints/best.pt`` and its data are used).
+        limit: Most images to run.
+
+    Raises:
+        UserError: No best checkpoint, or the data cannot be built (moved, deleted).
+    """
+    from visiontrain.data import build_data
+    from visiontrain.engine.build import build_loaders
+    from visiontrain.inference import load_trained
+    from visiontrain.tasks.base import task_class
+
+    if not run.best_checkpoint.is_file():
+        raise UserError(f"{run.best_checkpoint} does not exist")
+    loaded = load_trained(run.best_checkpoint)
+    cfg = loaded.cfg
+    # In-process loading: worker processes would cost more to start than a few hundred
+    # images take to decode.
+    data_cfg = cfg.data.model_copy(update={"num_workers": 0, "persistent_workers": False})
+    cfg = cfg.model_copy(update={"data": data_cfg})
+    bundle = build_data(cfg.data, cfg.task)
+    if bundle.val is None:
+        raise UserError(f"data source {cfg.data.name} has no val split")
+    task = task_class(cfg.task)
+    loader = build_loaders(cfg, bundle, loaded.device).val
+    images: list[torch.Tensor] = []
+    targets: list[Any] = []
+    outputs: list[Any] = []
+    for batch in loader:
+        if batch["image"] is None:
+            continue
+        x = loaded.normalizer(batch["image"].to(loaded.device))
+        images.extend(batch["image"].cpu())
+        targets.extend(_unbatch(batch["target"]))
+        outputs.extend(_unbatch(task.infer(loaded.model, x)))
+        if len(images) >= limit:
+            break
+    return Samples(
+        images=images[:limit],
+        targets=targets[:limit],
+        outputs=outputs[:limit],
+        names=loaded.target_names or loaded.class_names,
+        task_state=dict(loaded.state.get("task_state") or {}),
+        total=len(bundle.val),
+    )
