@@ -14,11 +14,11 @@ import torch
 from visiontrain.report.figures import (
     BEST_COLOR,
     Plot,
-    bar_chart,
     grid_shape,
     hide_unused,
     image_hwc,
     new_figure,
+    per_class_bars,
     render,
 )
 from visiontrain.report.sections import ReportContext, register_section
@@ -66,16 +66,12 @@ def confusion_plot(matrix: list[list[int]], names: list[str]) -> Plot:
     )
 
 
-def per_class_plot(per_class: dict[str, dict[str, Any]]) -> Plot:
+def per_class_plot(per_class: dict[str, dict[str, Any]]) -> Plot | None:
     """Precision, recall and F1 bars per class."""
-    names = list(per_class)
-    series = {
-        m: [float(per_class[n].get(m, np.nan)) for n in names]
-        for m in ("precision", "recall", "f1")
-    }
-    fig = bar_chart(names, series, "score")
-    return render(
-        fig,
+    return per_class_bars(
+        per_class,
+        {"precision": "precision", "recall": "recall", "f1": "f1"},
+        "score",
         "per_class_precision_recall",
         "Per-class precision and recall (val)",
         "Precision (of the images predicted as the class, the share that are), recall (of "

@@ -9,11 +9,11 @@ from matplotlib.patches import Rectangle
 
 from visiontrain.report.figures import (
     Plot,
-    bar_chart,
     grid_shape,
     hide_unused,
     image_hwc,
     new_figure,
+    per_class_bars,
     render,
 )
 from visiontrain.report.sections import ReportContext, register_section
@@ -27,16 +27,10 @@ PRED_COLOR = "#d62728"
 
 def ap_plot(ctx: ReportContext) -> Plot | None:
     """AP@[.5:.95] and AP@.5 per class."""
-    per_class = ctx.val.get("per_class") or {}
-    if not per_class:
-        return None
-    names = list(per_class)
-    series = {
-        "AP@[.5:.95]": [float(per_class[n].get("ap", np.nan)) for n in names],
-        "AP@.5": [float(per_class[n].get("ap_50", np.nan)) for n in names],
-    }
-    return render(
-        bar_chart(names, series, "average precision"),
+    return per_class_bars(
+        ctx.val.get("per_class") or {},
+        {"AP@[.5:.95]": "ap", "AP@.5": "ap_50"},
+        "average precision",
         "per_class_ap",
         "Average precision per class (val)",
         "COCO average precision of each class over IoU thresholds .5 to .95, and at IoU .5; "

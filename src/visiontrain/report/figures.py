@@ -110,3 +110,25 @@ def bar_chart(
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def per_class_bars(
+    per_class: dict[str, dict[str, Any]],
+    columns: dict[str, str],
+    ylabel: str,
+    name: str,
+    title: str,
+    caption: str,
+) -> Plot | None:
+    """Grouped bars of some per-class metrics (``columns``: legend label → metric key).
+
+    Returns None when there is no per-class table; a class lacking a metric gets no bar.
+    """
+    if not per_class:
+        return None
+    names = list(per_class)
+    series = {
+        label: [float(per_class[n].get(key, np.nan)) for n in names]
+        for label, key in columns.items()
+    }
+    return render(bar_chart(names, series, ylabel), name, title, caption)

@@ -10,7 +10,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.patches import Patch
 
-from visiontrain.report.figures import Plot, bar_chart, image_hwc, new_figure, render
+from visiontrain.report.figures import Plot, image_hwc, new_figure, per_class_bars, render
 from visiontrain.report.sections import ReportContext, register_section
 
 SHOWN_IMAGES = 4
@@ -20,16 +20,10 @@ ALPHA = 0.55
 
 def iou_plot(ctx: ReportContext) -> Plot | None:
     """IoU and Dice of each class."""
-    per_class = ctx.val.get("per_class") or {}
-    if not per_class:
-        return None
-    names = list(per_class)
-    series = {
-        "IoU": [float(per_class[n].get("iou", np.nan)) for n in names],
-        "Dice": [float(per_class[n].get("dice", np.nan)) for n in names],
-    }
-    return render(
-        bar_chart(names, series, "score"),
+    return per_class_bars(
+        ctx.val.get("per_class") or {},
+        {"IoU": "iou", "Dice": "dice"},
+        "score",
         "per_class_iou",
         "IoU per class (val)",
         "Intersection over union and Dice of each class over all validation pixels; a "
