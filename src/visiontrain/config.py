@@ -46,6 +46,8 @@ class DataConfig(_Section):
     persistent_workers: bool = True
     drop_last: bool = True
     augment: Literal["none", "light", "standard"] = "light"
+    augment_on: Literal["loader", "device"] = "loader"
+    cache: Literal["none", "memory", "disk"] = "none"
     val_split: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
