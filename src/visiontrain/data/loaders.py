@@ -210,8 +210,11 @@ def pair_transform(
     if task in ("detection", "segmentation"):
         return build_pair_transform(task, cfg.augment, bundle.image_size, bundle.same_size, train)
 
+    # With data.augment_on=device the loader only fits images to the working size; the
+    # random part runs on the device, on whole batches (data/device_augment.py).
+    on_loader = train and cfg.augment_on == "loader"
     transform = build_transform(
-        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, train
+        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, on_loader
     )
     if transform is None:
         return None

@@ -20,6 +20,7 @@ from torch import nn
 
 from visiontrain.config import Config, OptimConfig
 from visiontrain.data import DataBundle, build_data
+from visiontrain.data.device_augment import check_augment_on
 from visiontrain.data.loaders import build_loader, check_sampler
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
@@ -232,6 +233,7 @@ def build_parts(cfg: Config) -> Parts:
         set_cpu_threads(device, cfg.data.num_workers)
     task_class(cfg.task)  # an unknown task is named before any data is read
     check_sampler(cfg.data, cfg.task)
+    check_augment_on(cfg.data.augment_on, cfg.data.augment, cfg.task)
     bundle = build_data(cfg.data, cfg.task)
     if cfg.data.num_workers == "auto":
         # Resolved once, here: everything after this (threads, loaders, config.yaml, the

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.config import Config
+from visiontrain.data.device_augment import DeviceAugment
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
@@ -96,6 +97,11 @@ class Trainer:
         self._console = console
         self.stop_flag = stop_flag if stop_flag is not None else StopFlag()
         self.normalizer = Normalizer(bundle.mean, bundle.std).to(device)
+        self.device_augment = (
+            DeviceAugment(cfg.data.augment, cfg.train.seed, self.dist.rank)
+            if cfg.data.augment_on == "device"
+            else None
+        )
         self.params = [p for p in model.parameters() if p.requires_grad]
         mode = cfg.train.monitor_mode
         self.monitor_mode = task.monitor_mode(cfg.train.monitor) if mode == "auto" else mode
@@ -185,7 +191,7 @@ class Trainer:
             scale: the micro-batch's share of the update (1 / accumulation group size).
             sync: whether an update follows; DDP all-reduces gradients only then.
         """
-        x = self._prepare(batch["image"])
+        x = self._prepare(batch["image"], augment=True)
         y = to_device(batch["target"], self.device)
         result: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -252,9 +258,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ internals
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
         # uint8 crosses to the device (4x less traffic than float); normalise there, once.
-        x = self.normalizer(images.to(self.device, non_blocking=True))
+        x = images.to(self.device, non_blocking=True)
+        if augment and self.device_augment is not None:
+            x = self.device_augment(x, self.epoch, self.batch_in_epoch)
+        x = self.normalizer(x)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
