@@ -269,7 +269,7 @@ def test_odd_png_modes_become_three_channel_uint8(tmp_path: Path):
     bundle = build(*folder_overrides(tmp_path, "data.val_split=0.2"))
     for split in (bundle.train, bundle.val):
         for i in range(len(split)):
-            image, _ = split.load(i)
+            image, _ = split.load_decoded(i)  # the file's resolution
             assert image.dtype == torch.uint8 and image.shape == (3, 9, 11)
 
 

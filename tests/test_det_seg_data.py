@@ -205,12 +205,12 @@ def test_coco_parses_boxes_classes_and_notes(tmp_path: Path) -> None:
     notes = "\n".join(bundle.notes)
     assert "1 crowd" in notes and "1 boxes with zero width" in notes
     assert "1 boxes entirely outside" in notes and "clipped 1" in notes
-    image, target = bundle.train.load(0)
+    image, target = bundle.train.load_decoded(0)  # at the file's resolution
     assert image.dtype == torch.uint8 and image.shape == (3, 30, 40)
     assert target["image_id"] == 10
     assert target["boxes"].tolist() == [[2, 3, 12, 8], [30, 20, 40, 30]]
     assert target["labels"].tolist() == [2, 0]  # zebra (id 7), cat (id 1)
-    image, target = bundle.train.load(1)
+    image, target = bundle.train.load_decoded(1)
     assert image.shape == (3, 20, 20)
     assert target["boxes"].tolist() == [[4, 5, 10, 12]] and target["labels"].tolist() == [1]
     assert bundle.train.describe(1).endswith(str(Path("images") / "b.png"))
@@ -334,7 +334,7 @@ def test_masks_palette_png_and_ignore(tmp_path: Path) -> None:
     assert bundle.class_names == ["background", "road", "car"]
     assert len(bundle.train) == 3 and len(bundle.val) == 1 and len(bundle.test) == 2
     assert bundle.same_size is False
-    image, mask = bundle.test.load(1)
+    image, mask = bundle.test.load_decoded(1)  # at the file's resolution
     assert image.shape == (3, 10, 12) and image.dtype == torch.uint8
     assert mask.shape == (10, 12) and mask.dtype == torch.int64
     assert int(mask[3, 4]) == 2 and int(mask[0, 0]) == 0 and int(mask[9, 0]) == 255

@@ -23,6 +23,7 @@ from visiontrain.errors import (
     EXIT_OK,
     EXIT_SIGINT,
     Interrupted,
+    RunError,
     UserError,
     clean_message,
 )
@@ -397,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as exc:
         print(str(exc), file=sys.stderr, flush=True)
         return exc.exit_code
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted before a checkpoint could be saved", file=sys.stderr, flush=True)
         return EXIT_SIGINT

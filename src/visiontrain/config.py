@@ -51,6 +51,7 @@ class DataConfig(_Section):
     val_split: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    timeout: float = Field(120.0, ge=0.0, le=86_400.0)
     sampler: Literal["random", "weighted"] = "random"
     epoch_samples: int | None = Field(None, ge=1)
     download: bool = False
@@ -221,6 +222,10 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    on_nan: Literal["raise", "skip", "rollback"] = "raise"
+    max_nan_skips: int = Field(3, ge=1, le=10_000)
+    nan_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    max_rollbacks: int = Field(3, ge=0, le=1000)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
     @field_validator("threshold")

@@ -235,7 +235,7 @@ def _scan_split(ctx: DoctorContext, split: Split) -> SplitScan:
     classes = ctx.parts.bundle.num_classes if ctx.task == "classification" else 0
     for i in range(scan.scanned):
         try:
-            image, target = split.load(i)
+            image, target = split.load_decoded(i)  # sizes and pixels as in the file
         except DataError as exc:
             scan.unreadable.append((i, str(exc)))
             continue

@@ -31,6 +31,16 @@ class CheckpointError(UserError):
     """A checkpoint is missing, truncated, foreign or unsafe."""
 
 
+class RunError(Exception):
+    """The run cannot go on (disk full, a loader worker died, the loss stayed NaN).
+
+    Not bad input and not a bug: the CLI prints the message (what happened, what was
+    saved, what to do) without a traceback and exits 1.
+    """
+
+    exit_code = EXIT_FAILURE
+
+
 class Interrupted(Exception):  # noqa: N818 - it is a stop request, not an error
     """The run stopped on SIGINT/SIGTERM after saving; carries the exit code."""
 

@@ -15,7 +15,7 @@ Category ids may be sparse (1, 3, 7): they map to contiguous 0-based class indic
 increasing id order. Crowd annotations are skipped; boxes with no width or height, or that
 lie entirely outside their image, are dropped; boxes partly outside are clipped. The counts
 go to the bundle's notes. Every image file is checked to exist when the bundle is built
-(a stat per image); images are decoded when a sample is loaded.
+(a stat per image); images are decoded when a sample is loaded (or once, with data.cache).
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ import numpy as np
 import torch
 
 from visiontrain.config import DataConfig
-from visiontrain.data.images import decode_file
-from visiontrain.data.sources import DataBundle, Split, SubsetSplit, Target, register_source
+from visiontrain.data import images
+from visiontrain.data.sources import (
+    DataBundle,
+    PreparedSplit,
+    Split,
+    SubsetSplit,
+    Target,
+    register_source,
+)
 from visiontrain.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,8 +102,14 @@ class CocoFile:
     counts: CocoCounts = field(default_factory=CocoCounts)
 
 
-class CocoSplit(Split):
-    """COCO images decoded from files, with ``{"boxes", "labels", "image_id"}`` targets."""
+class CocoSplit(PreparedSplit):
+    """COCO images decoded from files, with ``{"boxes", "labels", "image_id"}`` targets.
+
+    Prepared with the longer side at the working size (boxes scaled with it); the square
+    fit of the transform then only pads.
+    """
+
+    fit = "long"
 
     def __init__(self, entries: list[CocoEntry]) -> None:
         self.entries = list(entries)
@@ -105,9 +118,12 @@ class CocoSplit(Split):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+    def files(self, index: int) -> tuple[Path, ...]:  # noqa: D102
+        return (self.entries[index].path,)
+
+    def decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: D102
         entry = self.entries[index]
-        image = decode_file(entry.path, 3)
+        image = images.decode_file(entry.path, 3)
         h, w = image.shape[-2:]
         if (w, h) != (entry.width, entry.height):
             # The boxes are in the coordinates of the size the JSON records; on another
@@ -117,13 +133,30 @@ class CocoSplit(Split):
                 f"{entry.image_id}) says {entry.width}x{entry.height}. Fix width/height in "
                 "the annotations file or replace the image."
             )
-        target = {
-            # Copies: a transform that flips or scales boxes in place must not touch them.
-            "boxes": torch.tensor(entry.boxes, dtype=torch.float32).reshape(-1, 4),
+        return image, None
+
+    def make_target(  # noqa: D102
+        self,
+        index: int,
+        decoded_hw: tuple[int, int],
+        image_hw: tuple[int, int],
+        mask: torch.Tensor | None,
+    ) -> Target:
+        entry = self.entries[index]
+        # Copies: a transform that flips or scales boxes in place must not touch them.
+        boxes = torch.tensor(entry.boxes, dtype=torch.float32).reshape(-1, 4)
+        if image_hw != decoded_hw:
+            # The same kernel the joint v2.Resize of the square fit applies to boxes.
+            from torchvision import tv_tensors
+            from torchvision.transforms.v2 import functional as F
+
+            wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=decoded_hw)
+            boxes = F.resize(wrapped, list(image_hw), antialias=True).as_subclass(torch.Tensor)
+        return {
+            "boxes": boxes,
             "labels": torch.tensor(entry.labels, dtype=torch.int64),
             "image_id": entry.image_id,
         }
-        return image, target  # type: ignore[return-value]
 
     def describe(self, index: int) -> str:  # noqa: D102
         return str(self.entries[index].path)

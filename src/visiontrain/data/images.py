@@ -73,3 +73,55 @@ def decode_file(path: str | Path, channels: int = 3) -> torch.Tensor:
     if img.shape[-1] * img.shape[-2] > MAX_PIXELS:
         raise DataError(f"image {path} has more than {MAX_PIXELS} pixels; refusing to use it.")
     return img
+
+
+def prepared_size(height: int, width: int, size: int, fit: str) -> tuple[int, int]:
+    """The (height, width) an image of ``height`` x ``width`` is prepared to.
+
+    Args:
+        height: decoded height.
+        width: decoded width.
+        size: the working size (``data.image_size``).
+        fit: ``short`` puts the shorter side at ``size`` (aspect kept), as
+            ``v2.Resize(size)`` does; ``long`` puts the longer side at ``size``, as the
+            detection/segmentation square fit does before it pads.
+    """
+    if fit == "short":
+        from torchvision.transforms.v2.functional._geometry import _compute_resized_output_size
+
+        new_h, new_w = _compute_resized_output_size((height, width), size=[size])
+        return int(new_h), int(new_w)
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def prepare_image(
+    image: torch.Tensor, size: int, fit: str, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize a decoded uint8 CHW image (and its uint8 HW mask) to the working resolution.
+
+    This is the deterministic step done once per image, before any random augmentation:
+    the uncached loader runs it on every access and ``data.cache`` stores its output, so
+    both feed the augmentation the same pixels. The training transforms resize to the same
+    size again, which torchvision skips when the size already matches.
+
+    Args:
+        image: uint8 (C, H, W) as decoded.
+        size: the working size.
+        fit: ``short`` or ``long`` (see :func:`prepared_size`).
+        mask: an optional uint8 (H, W) class-index mask, resized with nearest neighbours.
+
+    Returns:
+        The resized image (contiguous) and mask (or None).
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = image.shape[-2:]
+    new = list(prepared_size(h, w, size, fit))
+    if new != [h, w]:
+        # Antialiased bilinear on uint8, exactly what v2.Resize(antialias=True) runs.
+        image = F.resize(image, new, antialias=True)
+        if mask is not None:
+            mask = F.resize(mask[None], new, interpolation=InterpolationMode.NEAREST)[0]
+    return image.contiguous(), None if mask is None else mask.contiguous()

@@ -19,7 +19,7 @@ from visiontrain.config import DataConfig
 from visiontrain.data.sources import DataBundle, Split, Target
 from visiontrain.data.transforms import PairTransform, build_pair_transform, build_transform
 from visiontrain.engine.seed import sample_seed, worker_init
-from visiontrain.errors import ConfigError, DataError, clean_message
+from visiontrain.errors import ConfigError, DataError, RunError, clean_message
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -176,7 +176,36 @@ class EpochLoader(DataLoader):
                     self._iterator = None  # persistent workers: start fresh ones next time
             if isinstance(exc, DataError) and clean_message(exc) != str(exc):
                 raise DataError(clean_message(exc)) from None
+            fault = worker_fault(exc, self.timeout)
+            if fault is not None:
+                raise fault from None
             raise
+
+
+class LoaderFaultError(RunError):
+    """A loader worker died or stopped answering; the trainer saves, then the run ends."""
+
+
+def worker_fault(exc: Exception, timeout: float) -> LoaderFaultError | None:
+    """The loader's own messages for a dead or stuck worker, as one clear error."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError):
+        return None
+    if "timed out" in text:
+        return LoaderFaultError(
+            f"a data loader worker sent no batch for {timeout:g} s (data.timeout) and was "
+            "stopped. A worker is stuck (a hung network file system, a deadlocked library "
+            "in the dataset, swapping). Check the data source, raise data.timeout for slow "
+            "storage, or try data.num_workers=0 to see the failing file."
+        )
+    if "exited unexpectedly" in text or "killed by signal" in text:
+        first = text.strip().splitlines()[0]
+        return LoaderFaultError(
+            f"a data loader worker died ({first}). The usual cause is the out-of-memory "
+            "killer: lower data.num_workers, data.batch_size or data.prefetch_factor, or "
+            "enlarge /dev/shm in a container (docker --shm-size, a memory emptyDir)."
+        )
+    return None
 
 
 def sample_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -273,6 +302,8 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
+        # A stuck worker ends the run instead of hanging it (0 waits forever).
+        timeout=cfg.timeout if workers > 0 else 0,
         worker_init_fn=worker_init if workers > 0 else None,
         # A private generator: creating loader iterators must not consume the global RNG,
         # or a resumed run would draw different dropout masks than an uninterrupted one.

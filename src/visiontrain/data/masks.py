@@ -28,8 +28,16 @@ import torch
 from PIL import Image
 
 from visiontrain.config import DataConfig
-from visiontrain.data.images import MAX_PIXELS, decode_file
-from visiontrain.data.sources import DataBundle, Split, SubsetSplit, Target, register_source
+from visiontrain.data import images as imagefiles
+from visiontrain.data.images import MAX_PIXELS
+from visiontrain.data.sources import (
+    DataBundle,
+    PreparedSplit,
+    Split,
+    SubsetSplit,
+    Target,
+    register_source,
+)
 from visiontrain.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,8 +138,15 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
-class MaskSplit(Split):
-    """Image files with class-index mask PNGs; targets are int64 (H, W) masks."""
+class MaskSplit(PreparedSplit):
+    """Image files with class-index mask PNGs; targets are int64 (H, W) masks.
+
+    Prepared with the longer side at the working size (masks with nearest neighbours);
+    the square fit of the transform then only pads.
+    """
+
+    fit = "long"
+    has_masks = True
 
     def __init__(self, images: list[Path], masks: list[Path], num_classes: int) -> None:
         self.images = list(images)
@@ -142,8 +157,15 @@ class MaskSplit(Split):
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
-        image = decode_file(self.images[index], 3)
+    def files(self, index: int) -> tuple[Path, ...]:  # noqa: D102
+        return (self.images[index], self.masks[index])
+
+    def prepare_settings(self) -> tuple[object, ...]:  # noqa: D102
+        # The class count decides which masks are refused when they are read.
+        return (*super().prepare_settings(), self.num_classes)
+
+    def decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: D102
+        image = imagefiles.decode_file(self.images[index], 3)
         mask_path = self.masks[index]
         mask = read_mask(mask_path)
         if mask.shape != tuple(image.shape[-2:]):
@@ -160,7 +182,17 @@ class MaskSplit(Split):
                 f"classes (0..{self.num_classes - 1}; 255 = ignore). Add the missing class "
                 "names to classes.txt, or fix the mask."
             )
-        return image, torch.from_numpy(mask).long()  # type: ignore[return-value]
+        return image, torch.from_numpy(mask)
+
+    def make_target(  # noqa: D102
+        self,
+        index: int,
+        decoded_hw: tuple[int, int],
+        image_hw: tuple[int, int],
+        mask: torch.Tensor | None,
+    ) -> Target:
+        assert mask is not None
+        return mask.long()
 
     def describe(self, index: int) -> str:  # noqa: D102
         return str(self.images[index])

@@ -62,6 +62,10 @@ class Split:
         """Name of sample ``index`` for messages (a path, or split and index)."""
         return f"sample {index}"
 
+    def load_decoded(self, index: int) -> tuple[torch.Tensor, Target]:
+        """Sample ``index`` at the resolution of its file (``load`` may resize it)."""
+        return self.load(index)
+
 
 class ArraySplit(Split):
     """Images held in memory as one uint8 NHWC array (generated or read from a binary file)."""
@@ -86,8 +90,80 @@ class ArraySplit(Split):
         return f"{self.name}[{index}]"
 
 
-class FileSplit(Split):
-    """Images read from files on every access (decoded with libjpeg-turbo/libpng)."""
+class PreparedSplit(Split):
+    """A split decoded from files and *prepared* (resized) once per image to the working size.
+
+    ``load`` = decode, then :func:`~visiontrain.data.images.prepare_image` to
+    ``working_size``, then the target. ``data.cache`` stores exactly the prepared output
+    (:mod:`visiontrain.data.cache`), so cached and uncached loaders feed the random
+    augmentation identical pixels. ``build_data`` sets ``working_size`` (the bundle's image
+    size) and ``store``; without a working size ``load`` returns the file's own resolution.
+
+    Subclasses define :meth:`files`, :meth:`decode` and :meth:`make_target`.
+    """
+
+    # "short": shorter side to the working size (classification, regression: the centre
+    # crop or random resized crop comes after); "long": longer side (detection,
+    # segmentation: the square fit pads afterwards, so nothing is cut off).
+    fit: str = "short"
+    channels: int = 3
+    working_size: int | None = None
+    # A visiontrain.data.cache.ImageStore holding the prepared samples, or None.
+    store: object | None = None
+
+    def files(self, index: int) -> tuple[Path, ...]:
+        """The files sample ``index`` reads (they key the cache by path, size and mtime)."""
+        raise NotImplementedError
+
+    def decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode and check sample ``index``: uint8 (C, H, W) image and uint8 (H, W) mask."""
+        raise NotImplementedError
+
+    def make_target(
+        self,
+        index: int,
+        decoded_hw: tuple[int, int],
+        image_hw: tuple[int, int],
+        mask: torch.Tensor | None,
+    ) -> Target:
+        """The target of sample ``index`` for an image resized from ``decoded_hw``."""
+        raise NotImplementedError
+
+    def prepare_settings(self) -> tuple[object, ...]:
+        """What, besides the files, determines the prepared samples (part of the cache key)."""
+        return (type(self).__name__, self.fit, self.channels, self.working_size)
+
+    def prepared(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Prepared image, prepared mask (or None) and the decoded (H, W) of sample ``index``."""
+        if self.store is not None:
+            return self.store.get(index)  # type: ignore[attr-defined]
+        image, mask = self.decode(index)
+        decoded_hw = (int(image.shape[-2]), int(image.shape[-1]))
+        if self.working_size is not None:
+            image, mask = _prepare(image, self.working_size, self.fit, mask)
+        return image, mask, decoded_hw
+
+    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+        image, mask, decoded_hw = self.prepared(index)
+        image_hw = (int(image.shape[-2]), int(image.shape[-1]))
+        return image, self.make_target(index, decoded_hw, image_hw, mask)
+
+    def load_decoded(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+        image, mask = self.decode(index)
+        hw = (int(image.shape[-2]), int(image.shape[-1]))
+        return image, self.make_target(index, hw, hw, mask)
+
+
+def _prepare(
+    image: torch.Tensor, size: int, fit: str, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from visiontrain.data.images import prepare_image
+
+    return prepare_image(image, size, fit, mask)
+
+
+class FileSplit(PreparedSplit):
+    """Image files with class or regression targets, decoded with libjpeg-turbo/libpng."""
 
     def __init__(
         self, paths: Sequence[Path], labels: Sequence[int] | np.ndarray, channels: int
@@ -96,10 +172,23 @@ class FileSplit(Split):
         self.labels = as_targets(labels)
         self.channels = channels
 
-    def load(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
-        from visiontrain.data.images import decode_file
+    def files(self, index: int) -> tuple[Path, ...]:  # noqa: D102
+        return (self.paths[index],)
 
-        return decode_file(self.paths[index], self.channels), target_at(self.labels, index)
+    def decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: D102
+        # Through the module attribute, so that one patch point sees every decode.
+        from visiontrain.data import images
+
+        return images.decode_file(self.paths[index], self.channels), None
+
+    def make_target(  # noqa: D102
+        self,
+        index: int,
+        decoded_hw: tuple[int, int],
+        image_hw: tuple[int, int],
+        mask: torch.Tensor | None,
+    ) -> Target:
+        return target_at(self.labels, index)
 
     def describe(self, index: int) -> str:  # noqa: D102
         return str(self.paths[index])
@@ -121,6 +210,9 @@ class SubsetSplit(Split):
 
     def describe(self, index: int) -> str:  # noqa: D102
         return self.base.describe(int(self.indices[index]))
+
+    def load_decoded(self, index: int) -> tuple[torch.Tensor, Target]:  # noqa: D102
+        return self.base.load_decoded(int(self.indices[index]))
 
 
 @dataclass
@@ -224,9 +316,13 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
         "test_size",
         "epoch_samples",
         "train_fraction",
+        "cache",
     }
+    if cfg.cache == "disk":
+        always.add("cache_dir")  # where the disk cache of decoded images goes
     refuse_unused(cfg, "data", entry.uses | always, f"data source {cfg.name}")
     bundle = entry.build(cfg, task)
+    prepare_splits(bundle, cfg)
     if not entry.generates:
         bundle.train = cap_split(bundle.train, cfg.train_size, cfg.split_seed)
         bundle.val = cap_split(bundle.val, cfg.val_size, cfg.split_seed + 1)
@@ -238,6 +334,40 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
         if len(split) == 0:
             raise DataError(f"the {name} split of data source {cfg.name} is empty.")
     return bundle
+
+
+def base_splits(bundle: DataBundle) -> list[Split]:
+    """The distinct splits under the bundle's train/val/test subsets, in that order."""
+    out: list[Split] = []
+    for split in (bundle.train, bundle.val, bundle.test):
+        while isinstance(split, SubsetSplit):
+            split = split.base
+        if split is not None and not any(split is seen for seen in out):
+            out.append(split)
+    return out
+
+
+def prepare_splits(bundle: DataBundle, cfg: DataConfig) -> None:
+    """Give file splits the working size, and attach the ``data.cache`` store to each.
+
+    Sources whose splits are arrays already in memory (defects, digits, mnist, cifar,
+    shapes) have nothing to cache; ``data.cache`` is accepted there and noted.
+    """
+    files = [s for s in base_splits(bundle) if isinstance(s, PreparedSplit)]
+    for split in files:
+        split.working_size = bundle.image_size
+    if cfg.cache == "none":
+        return
+    if not files:
+        bundle.notes.append(
+            f"data.cache={cfg.cache}: data source {cfg.name} already holds its images in "
+            "memory as decoded arrays; there is nothing to cache"
+        )
+        return
+    from visiontrain.data.cache import attach_store
+
+    for split in files:
+        bundle.notes.append(attach_store(split, cfg))
 
 
 def cap_split(split: Split, size: int | None, seed: int) -> Split:

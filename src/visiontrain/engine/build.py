@@ -434,6 +434,13 @@ def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
         "metrics": {k: v for k, v in trainer.results.items() if k in ("val", "test")},
         **trainer.task.summary_info(),
         "skipped_files": {"count": len(trainer.skipped), "files": sorted(trainer.skipped)},
+        "nan": {
+            "policy": trainer.nan.policy,
+            "skipped_updates": trainer.nan.skips,
+            "rollbacks": trainer.nan.rollbacks,
+            "batches_passed_over": len(trainer.nan.pass_over),
+            "amp_skipped_steps": trainer.amp_skipped,
+        },
         "timings": {
             "total_s": round(wall_seconds, 3),
             "train_s": round(trainer.timings["train_s"], 3),

@@ -6,6 +6,8 @@ internet cannot run code, and a crash mid-write never leaves a half file as ``la
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -13,17 +15,64 @@ from typing import Any
 
 import torch
 
-from visiontrain.errors import CheckpointError
+from visiontrain.errors import CheckpointError, RunError
 from visiontrain.io import atomic_write
 
 FORMAT = "visiontrain-checkpoint"
 VERSION = 1
 
 
+def content_hash(state: dict[str, Any]) -> str:
+    """SHA-256 over a checkpoint's contents, computed on save and verified on load.
+
+    It covers every tensor's bytes, dtype and shape, and every number, string and key, in
+    order, so any change to what a checkpoint holds is caught.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "content_sha256"})
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    else:  # None, bool, int, float, str: repr is exact for each
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (temp file, fsync, rename)."""
+    """Write a checkpoint atomically (temp file, fsync, rename) with its content hash.
+
+    The previous file at ``path`` stays whole until the new one is complete. A full disk
+    (ENOSPC, EDQUOT) ends the run with :class:`RunError`; nothing half-written is left.
+    """
     payload = {"format": FORMAT, "version": VERSION, **state}
-    atomic_write(path, lambda fh: torch.save(payload, fh))
+    payload["content_sha256"] = content_hash(payload)
+    path = Path(path)
+    try:
+        atomic_write(path, lambda fh: torch.save(payload, fh))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"{path} still holds the previous checkpoint" if path.exists() else (
+            f"no earlier {path.name} exists"
+        )  # fmt: skip
+        raise RunError(
+            f"disk full while writing checkpoint {path} ({exc.strerror}); the partial file "
+            f"was removed and {kept}. Free space on {path.parent} (or lower "
+            "run.keep_last), then continue with the same command plus run.resume=auto."
+        ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -63,6 +112,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("model", "config"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no `{key}` entry; it is incomplete.")
+    stored = state.get("content_sha256")
+    if stored is None:
+        raise CheckpointError(
+            f"checkpoint {path} carries no content hash, so its integrity cannot be checked; "
+            "visiontrain writes one into every checkpoint. Use a checkpoint written by "
+            "visiontrain train."
+        )
+    if stored != content_hash(state):
+        raise CheckpointError(
+            f"checkpoint {path} fails its content hash: the file was modified or corrupted "
+            "after it was written. Use another checkpoint (checkpoints/ keeps the last few)."
+        )
     return state
 
 

@@ -7,6 +7,7 @@ goes into one checkpoint, so a run resumes at the exact batch where it stopped.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +21,25 @@ from torch.utils.data import DataLoader
 from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.config import Config
 from visiontrain.data.device_augment import DeviceAugment
+from visiontrain.data.loaders import LoaderFaultError, worker_fault
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
 from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.ema import ModelEma
+from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
 from visiontrain.engine.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.engine.signals import StopFlag
 from visiontrain.engine.wrap import TrainModel
-from visiontrain.errors import EXIT_SIGTERM, CheckpointError, ConfigError, Interrupted
+from visiontrain.errors import (
+    EXIT_SIGTERM,
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    RunError,
+)
 from visiontrain.tasks.base import Task
 
 
@@ -122,13 +131,68 @@ class Trainer:
         self.timings = {"train_s": 0.0, "eval_s": 0.0}
         self._grad_norm: torch.Tensor | None = None
         self._accum = _TrainAccum(torch.zeros((), device=device))
+        t = cfg.train
+        self.nan = NanGuard(t.on_nan, t.max_nan_skips, t.max_rollbacks, t.nan_lr_factor)
+        # Whether a micro-batch of the current accumulation group had a non-finite loss,
+        # and which (epoch, batch) pairs the group holds; read at the update.
+        self._group_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self._group_batches: list[tuple[int, int]] = []
+        self.amp_skipped = 0
         self._fit_start = time.perf_counter()
 
     # ------------------------------------------------------------------ public API
 
     def fit(self) -> dict[str, Any]:
-        """Train for ``train.epochs`` (from where a resume left off), then test the best weights."""
+        """Train for ``train.epochs`` (from where a resume left off), then test the best weights.
+
+        A loader fault (a worker killed or stuck past ``data.timeout``) saves ``last.pt``
+        when the run stands between two updates, then ends the run with the fault.
+        """
+        try:
+            return self._fit()
+        except LoaderFaultError as exc:
+            raise RunError(f"{exc} {self._save_after_fault()}") from None
+        except RuntimeError as exc:
+            # A worker's death is reported by a SIGCHLD handler, which raises wherever the
+            # main thread is — possibly inside an optimizer step — so nothing is saved.
+            fault = worker_fault(exc, self.cfg.data.timeout)
+            if fault is None:
+                raise
+            raise RunError(
+                f"{fault} The last periodic checkpoint is kept; resume with run.resume=auto."
+            ) from None
+
+    def _save_after_fault(self) -> str:
+        if self.dist.enabled:
+            # Saving gathers every rank's state; a rank whose loader died cannot join.
+            return "Under DDP the last periodic checkpoint is kept; resume with run.resume=auto."
+        if self.batch_in_epoch % self.cfg.train.accumulate:
+            return (
+                "It stopped inside an accumulation group, so the last periodic checkpoint is "
+                "kept; resume with run.resume=auto."
+            )
+        path = self.checkpointer.save_last(self)
+        return f"Saved {path} at step {self.global_step}; resume with run.resume=auto."
+
+    def _fit(self) -> dict[str, Any]:
         self._fire("on_fit_start")
+        if self.nan.checks_every_update and not (self.checkpointer.folder / "last.pt").is_file():
+            # A rollback needs a good state to return to, also in the first epoch.
+            self.checkpointer.save_last(self)
+        while True:
+            try:
+                self._epochs()
+                break
+            except Rollback:
+                continue  # the state was reloaded: go on from its epoch and batch
+        self._restore_best()
+        self._calibrate()
+        if self.loaders.test is not None:
+            self.results["test"] = self.evaluate(self.loaders.test, "test")
+        self._fire("on_fit_end")
+        return self.results
+
+    def _epochs(self) -> None:
         for epoch in range(self.epochs_done, self.cfg.train.epochs):
             self.epoch = epoch
             self.evaluated_this_epoch = self.improved = False
@@ -142,12 +206,6 @@ class Trainer:
             self._check_stop()
             if self.should_stop:
                 break
-        self._restore_best()
-        self._calibrate()
-        if self.loaders.test is not None:
-            self.results["test"] = self.evaluate(self.loaders.test, "test")
-        self._fire("on_fit_end")
-        return self.results
 
     def train_epoch(self) -> None:
         """One pass over the training loader, from ``batch_in_epoch`` on."""
@@ -166,8 +224,10 @@ class Trainer:
             updates_now = i + 1 - group_start == group_len
             if batch["skipped"]:
                 self.skipped.update(batch["skipped"])
-            if batch["image"] is not None:
+            # A batch that made the loss non-finite before a rollback is passed over.
+            if batch["image"] is not None and (self.epoch, i) not in self.nan.pass_over:
                 self.train_step(batch, 1.0 / group_len, sync=updates_now)
+                self._group_batches.append((self.epoch, i))
             self.batch_in_epoch += 1
             if updates_now:
                 self.at_epoch_end = self.batch_in_epoch == n_batches
@@ -205,9 +265,14 @@ class Trainer:
 
         self.train_model.first_step(step, lambda: self.optimizer.zero_grad(set_to_none=True))
         losses = result["losses"]
-        loss = losses["loss"]
+        loss = losses["loss"].detach()
         acc = self._accum
-        acc.interval_loss += loss.detach()
+        if self.nan.checks_every_update:
+            finite = torch.isfinite(loss)
+            self._group_bad |= ~finite
+            # A dropped update's loss stays out of the logged mean.
+            loss = torch.where(finite, loss, torch.zeros_like(loss))
+        acc.interval_loss += loss
         for name, part in losses.items():
             if name != "loss":
                 # Each term of a composite loss (a detector's) is summed on the device too.
@@ -269,29 +334,105 @@ class Trainer:
         return x
 
     def _update(self) -> None:
-        """Unscale, clip, step the optimizer, the scaler and a per-update schedule."""
+        """Unscale, clip, check, step the optimizer, the scaler and a per-update schedule.
+
+        An update that does not happen — non-finite under ``train.on_nan=skip|rollback``,
+        or skipped by fp16's GradScaler — advances neither the schedule, the EMA nor
+        ``global_step``: the scheduler's step count equals the real updates.
+        """
         tcfg = self.cfg.train
         scaler = self.precision.scaler
+        batches, self._group_batches = self._group_batches, []
+        if not batches:  # every micro-batch of the group was passed over
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        check = self.nan.checks_every_update
         log_due = (self.global_step + 1) % tcfg.log_every == 0 or self.at_epoch_end
-        if tcfg.grad_clip_norm or tcfg.grad_clip_value or log_due:
+        if tcfg.grad_clip_norm or tcfg.grad_clip_value or log_due or check:
             scaler.unscale_(self.optimizer)
         if tcfg.grad_clip_norm:
             # The returned norm is the pre-clip norm: what the log should show.
             self._grad_norm = nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip_norm)
-        elif log_due or tcfg.grad_clip_value:
+        elif log_due or tcfg.grad_clip_value or check:
             grads = [p.grad for p in self.params if p.grad is not None]
             self._grad_norm = nn.utils.get_total_norm(grads) if grads else None
+        if check and not self._finite_update(batches):
+            return
         if tcfg.grad_clip_value:
             nn.utils.clip_grad_value_(self.params, tcfg.grad_clip_value)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if scale_before is not None and scaler.get_scale() < scale_before:
+            # GradScaler found inf/NaN gradients (fp16 overflow) and skipped the step; it
+            # lowered its scale and the next step retries. Not an update.
+            self.amp_skipped += 1
+            return
         if self.ema is not None:
             self.ema.update(self.model)
         if self.schedule.interval == "step":
             self.schedule.scheduler.step()
         self.global_step += 1
+
+    def _finite_update(self, batches: list[tuple[int, int]]) -> bool:
+        """Whether this update may step; otherwise drop it (skip) or roll back.
+
+        One host sync per update: the decision must come before the optimizer steps.
+        """
+        bad = self._group_bad.clone()
+        self._group_bad.zero_()
+        norm = self._grad_norm
+        if norm is not None and self.precision.name != "fp16":
+            # fp16 overflows are GradScaler's to handle; a NaN loss is still caught.
+            bad |= ~torch.isfinite(norm)
+        bad_any = bool(self.dist.sum_(bad.to(torch.int32)))  # the same answer on every rank
+        decision = self.nan.decide(not bad_any, batches)
+        if decision == "step":
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.precision.scaler.is_enabled():
+            self.precision.scaler.update()  # closes this step's unscale_ bookkeeping
+        self.console(
+            f"step {self.global_step + 1} (epoch {self.epoch + 1}): non-finite loss or "
+            f"gradients; update skipped ({self.nan.in_a_row} in a row, {self.nan.skips} in all)"
+        )
+        if decision == "rollback":
+            self._rollback()
+        return False
+
+    def _rollback(self) -> None:
+        """Reload last.pt, lower the LR, pass over the offending batches, restart there."""
+        if not self.nan.can_roll_back():
+            raise RunError(
+                f"the loss or gradients are not finite at step {self.global_step + 1} (epoch "
+                f"{self.epoch + 1}, batch {self.batch_in_epoch}): {self.nan.in_a_row} updates "
+                f"in a row after {self.nan.rollbacks} rollbacks (train.max_rollbacks="
+                f"{self.nan.max_rollbacks}). {CAUSES} checkpoints/last.pt holds the last good "
+                "weights."
+            )
+        from visiontrain.engine.checkpoint import load_checkpoint
+
+        path = self.checkpointer.folder / "last.pt"
+        self.nan.start_rollback()
+        kept = self.nan.state_dict()
+        state = self.dist.run_on_main(lambda: load_checkpoint(path))
+        self.load_state(state, path)
+        self.nan.load_state_dict(kept)
+        self.nan.scale_lr(self.optimizer, self.schedule.scheduler)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self._group_bad.zero_()
+        self._group_batches = []
+        self.optimizer.zero_grad(set_to_none=True)
+        self._emit({"split": "train", "kind": "rollback", "rollbacks": self.nan.rollbacks,
+                    "lr": self.last_lr, "passed_over": len(self.nan.pass_over)})  # fmt: skip
+        self.console(
+            f"rollback {self.nan.rollbacks}/{self.nan.max_rollbacks}: reloaded {path} (step "
+            f"{self.global_step}), learning rate x{self.nan.lr_factor} (now "
+            f"{self.last_lr:.3g}), {len(self.nan.pass_over)} batches passed over"
+        )
+        raise Rollback
 
     def _log_train(self) -> None:
         acc = self._accum
@@ -308,6 +449,13 @@ class Trainer:
         *sums, n_batches, n_samples = stacked.tolist()
         batches = max(n_batches, 1)
         loss_sum = sums[0]
+        if not math.isfinite(loss_sum) and self.nan.policy == "raise":
+            raise RunError(
+                f"the training loss became {loss_sum / batches} in the updates up to step "
+                f"{self.global_step} (epoch {self.epoch + 1}). {CAUSES} No checkpoint was "
+                "written after it; set train.on_nan=skip or rollback to continue past such "
+                "updates."
+            )
         acc.epoch_loss += loss_sum
         acc.epoch_batches += int(n_batches)
         acc.epoch_samples += int(n_samples)
@@ -323,6 +471,11 @@ class Trainer:
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
             "samples_per_s": n_samples / max(now - acc.interval_start, 1e-9),
         }
+        if self.nan.checks_every_update:
+            record["skipped_updates"] = self.nan.interval_skips
+            self.nan.interval_skips = 0
+        if self.precision.scaler.is_enabled():
+            record["amp_skipped_steps"] = self.amp_skipped
         acc.interval_loss.zero_()
         acc.interval_parts = {}
         acc.interval_batches = acc.interval_samples = 0
@@ -494,6 +647,7 @@ class Trainer:
                 "epoch_seconds": acc.epoch_seconds,
             },
             "timings": dict(self.timings),
+            "nan": {**self.nan.state_dict(), "amp_skipped": self.amp_skipped},
             "skipped": sorted(self.skipped),
             "rng": rng,
             "config": self.cfg.to_dict(),
@@ -559,6 +713,8 @@ class Trainer:
         ):
             setattr(self._accum, key, acc[key])
         self.timings.update(state.get("timings", {}))
+        self.nan.load_state_dict(state.get("nan", {}))
+        self.amp_skipped = int(state.get("nan", {}).get("amp_skipped", 0))
         self.skipped.update(state.get("skipped", []))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.task.load_state_dict(state.get("task_state", {}))
