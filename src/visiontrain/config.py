@@ -260,6 +260,7 @@ class RunConfig(_Section):
     resume: str | None = None
     keep_last: int = Field(2, ge=0, le=1000)
     save_every_steps: int | None = Field(None, ge=1)
+    save_every_minutes: float | None = Field(None, gt=0.0, le=10_080.0)
     report: bool = True
     loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = ["jsonl", "tensorboard"]
     mlflow_uri: str | None = None

@@ -318,7 +318,11 @@ def build_trainer(
     if resume_state is None and cfg.run.resume == "auto" and (run_dir / "metrics.jsonl").exists():
         resume_step = -1  # a run that died before its first checkpoint: start its log anew
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", cfg.run.keep_last, cfg.run.save_every_steps, dist.is_main
+        run_dir / "checkpoints",
+        cfg.run.keep_last,
+        cfg.run.save_every_steps,
+        dist.is_main,
+        cfg.run.save_every_minutes,
     )
     callbacks: list[Callback] = []
     if dist.is_main:  # one writer of logs and one progress display per job

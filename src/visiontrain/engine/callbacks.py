@@ -8,6 +8,7 @@ optimizer update), ``on_epoch_end``, ``on_fit_end``; plus ``state_dict`` and
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,9 +64,16 @@ class Checkpointer(Callback):
     name = "checkpointer"
 
     def __init__(
-        self, folder: Path, keep_last: int, save_every_steps: int | None, write: bool = True
+        self,
+        folder: Path,
+        keep_last: int,
+        save_every_steps: int | None,
+        write: bool = True,
+        save_every_minutes: float | None = None,
     ) -> None:
         self.folder = folder
+        self.save_every_minutes = save_every_minutes
+        self._last_save = time.monotonic()
         # Under DDP every rank builds the state (it gathers each rank's RNG), rank 0 writes.
         self.write = write
         self.keep_last = keep_last
@@ -81,6 +89,7 @@ class Checkpointer(Callback):
         state = trainer.checkpoint_state()
         if self.write:
             save_checkpoint(path, state)
+        self._last_save = time.monotonic()
         return path
 
     def store_task_state(self, task_state: dict[str, Any]) -> None:
@@ -102,8 +111,16 @@ class Checkpointer(Callback):
 
     def on_update(self, trainer: Trainer) -> None:  # noqa: D102
         every = self.save_every_steps
+        due = bool(every and trainer.global_step % every == 0)
+        if self.save_every_minutes:
+            late = time.monotonic() - self._last_save >= self.save_every_minutes * 60
+            if trainer.dist.enabled:
+                # Clocks differ between ranks: they agree at log steps, all on the same step.
+                log_step = trainer.global_step % trainer.cfg.train.log_every == 0
+                late = log_step and trainer.dist.any(late)
+            due = due or late
         # Only mid-epoch: the epoch-end save covers the last update of an epoch.
-        if every and trainer.global_step % every == 0 and not trainer.at_epoch_end:
+        if due and not trainer.at_epoch_end:
             self.save_last(trainer)
 
     def on_epoch_end(self, trainer: Trainer) -> None:  # noqa: D102
@@ -116,9 +133,12 @@ class Checkpointer(Callback):
             self.best_metrics = trainer.results.get("val_last")
             trainer.improved = True
         state = trainer.checkpoint_state()
+        self._last_save = time.monotonic()
         if not self.write:
             return
-        save_checkpoint(self.folder / "last.pt", state)
+        # last.pt goes last: killed between two writes, a resume starts from the previous
+        # last.pt and redoes this epoch, rewriting best.pt, instead of trusting a best
+        # score whose best.pt was never written.
         if trainer.improved:
             save_checkpoint(self.folder / "best.pt", state)
         if self.keep_last > 0:
@@ -126,6 +146,7 @@ class Checkpointer(Callback):
             epochs = sorted(self.folder.glob("epoch-*.pt"))
             for old in epochs[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+        save_checkpoint(self.folder / "last.pt", state)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
