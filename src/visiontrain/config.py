@@ -10,6 +10,7 @@ component refuses them when it cannot honour them (see :func:`refuse_unused`).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,18 @@ from visiontrain.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no option means anything at nan or inf (an unset bound is None),
+    # and letting one through fails far from the config, in torch or in round().
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # A NUL byte (YAML "\0") cannot be in a path or a name; os functions raise
+        # ValueError on it wherever it ends up.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("the text holds a NUL character; remove it")
+        return value
 
 
 class DataConfig(_Section):
@@ -49,7 +61,7 @@ class DataConfig(_Section):
     augment_on: Literal["loader", "device"] = "loader"
     cache: Literal["none", "memory", "disk"] = "none"
     val_split: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=2**63 - 1)
     on_error: Literal["raise", "skip"] = "raise"
     timeout: float = Field(120.0, ge=0.0, le=86_400.0)
     sampler: Literal["random", "weighted"] = "random"
@@ -154,6 +166,14 @@ class OptimConfig(_Section):
     betas: tuple[float, float] | None = None
     eps: float | None = Field(None, gt=0.0, le=1.0)
     decay_norm_bias: bool = False
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        # torch refuses these only when the optimizer is built; say it here, by key.
+        if value is not None and not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta lies in [0, 1), such as [0.9, 0.999]")
+        return value
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -266,6 +286,19 @@ class RunConfig(_Section):
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        # The run folder is run.dir/run.name: a separator or `..` would put it elsewhere.
+        if value is not None and (
+            not value.strip() or value in (".", "..") or "/" in value or "\\" in value
+        ):
+            raise ValueError(
+                "run.name is one folder name inside run.dir (no '/', '\\', '.' or '..'); "
+                "set run.dir to choose where runs go"
+            )
+        return value
+
     @field_validator("loggers")
     @classmethod
     def _jsonl_always(cls, value: list[str]) -> list[str]:
@@ -366,6 +399,8 @@ def _check_spec(key: str, spec: dict[str, list[Any]]) -> dict[str, list[Any]]:
     lo, hi = values
     if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
         raise ValueError(f"tune.space `{key}`: int bounds must be whole numbers, got {values}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"tune.space `{key}`: {kind} bounds must be finite, got {values}")
     if not lo < hi:
         raise ValueError(f"tune.space `{key}`: lo must be below hi, got {values}")
     if kind == "log_uniform" and lo <= 0:
@@ -514,7 +549,11 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot read the value of `{key}` ({text!r}): {exc}") from None
+            raise ConfigError(
+                f"cannot read the value of `{key}` ({text!r}): {_one_line(exc)}. Write a number, "
+                "true/false, a word, or a list such as [1,2]; quote text with special "
+                "characters."
+            ) from None
         parsed.append((key, value))
     return parsed
 
@@ -531,8 +570,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"cannot read config file {path}: {exc}. Only plain YAML (maps, lists, "
-            "numbers, strings) is accepted; Python object tags are refused."
+            f"cannot read config file {path}: {_one_line(exc)}. Only plain YAML (maps, lists, "
+            "numbers, strings) is accepted; Python object tags are refused (!!python/...). "
+            "Fix or remove the line it names."
         ) from None
     except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
@@ -544,6 +584,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"not a {type(data).__name__}."
         )
     return data
+
+
+def _one_line(exc: BaseException) -> str:
+    """A YAML error (which spans several lines with a caret) as one line."""
+    return " ".join(str(exc).split())
 
 
 def build_config(

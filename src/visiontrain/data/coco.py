@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,12 +178,26 @@ def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: 
 
 
 def _image_path(root: Path, file_name: str, json_path: Path, image_id: int) -> Path:
-    """Resolve ``file_name`` to an existing file inside ``root`` (root/ first, then images/)."""
-    resolved_root = root.resolve()
+    """Resolve ``file_name`` to an existing file inside ``root`` (root/ first, then images/).
+
+    Raises:
+        DataError: the name is not a valid path, leads outside ``root`` (by ``..``, an
+            absolute path or a symlink), or names no regular file (missing, a directory,
+            a symlink loop or a dangling link).
+    """
+    resolved_root = Path(os.path.realpath(root))
     candidates = [root / file_name, root / "images" / file_name]
+    problems: list[str] = []
     for candidate in candidates:
-        # resolve() follows symlinks, so a link inside root pointing out is caught too.
-        resolved = candidate.resolve()
+        try:
+            # realpath follows symlinks, so a link inside root pointing out is caught too;
+            # unlike Path.resolve on Python 3.11 it does not raise on a symlink loop.
+            resolved = Path(os.path.realpath(candidate))
+        except ValueError as exc:  # an embedded NUL byte
+            raise DataError(
+                f"{json_path}: image id {image_id} has file_name {file_name!r}, which is not a "
+                f"valid path ({exc}). Fix the file_name."
+            ) from None
         if not resolved.is_relative_to(resolved_root):
             raise DataError(
                 f"{json_path}: image id {image_id} has file_name {file_name!r}, which points "
@@ -191,6 +206,13 @@ def _image_path(root: Path, file_name: str, json_path: Path, image_id: int) -> P
             )
         if resolved.is_file():
             return candidate
+        if os.path.lexists(candidate):  # something is there, but not an image file
+            problems.append(f"{candidate}: {images.file_problem(candidate)}")
+    if problems:
+        raise DataError(
+            f"{json_path}: image id {image_id} (file_name {file_name!r}) names no image file: "
+            f"{problems[0]}. Fix the file or remove the image from the annotations."
+        )
     raise DataError(
         f"{json_path}: image id {image_id}: image file {candidates[0]} does not exist (nor "
         f"{candidates[1]}). Add the file or remove the image from the annotations."

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from visiontrain.config import DataConfig
-from visiontrain.data.images import IMAGE_EXTENSIONS
+from visiontrain.data.images import IMAGE_EXTENSIONS, file_problem
 from visiontrain.data.sources import (
     DataBundle,
     FileSplit,
@@ -30,9 +32,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _unlistable(exc: OSError) -> NoReturn:
+    raise DataError(
+        f"cannot list the folder {exc.filename}: {exc.strerror}. Fix its permissions, or move "
+        "it out of data.root."
+    )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted.
+
+    ``os.walk`` sorts entries by what they are, not by name: a directory named ``x.jpg`` is
+    a folder (walked into, never listed as an image), while a symlink loop or a dangling
+    link named ``x.jpg`` is listed, so that loading it fails with a message naming it (or
+    skips it under ``data.on_error=skip``). Links to directories are not followed, so a link
+    that points back up the tree cannot make the scan loop.
+    """
+    found = [
+        Path(dirpath) / name
+        for dirpath, _dirs, names in os.walk(folder, onerror=_unlistable)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    ]
+    return sorted(found)
+
+
 def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     """List image files per class folder; the class list comes from train/."""
-    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        _unlistable(exc)
+    found = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
     names = classes if classes is not None else [p.name for p in found]
     if not names:
         raise DataError(
@@ -49,15 +80,7 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
     labels: list[int] = []
     for label, name in enumerate(names):
         cdir = folder / name
-        files = (
-            sorted(
-                p
-                for p in cdir.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
-            if cdir.is_dir()
-            else []
-        )
+        files = _image_files(cdir) if cdir.is_dir() else []
         if not files and classes is None:
             raise DataError(
                 f"class folder {cdir} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
@@ -80,7 +103,7 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     File names must stay inside the CSV's folder: a row cannot make the loader read
     ``../../etc/passwd`` or an absolute path.
     """
-    folder = path.parent.resolve()
+    folder = Path(os.path.realpath(path.parent))
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = [
@@ -106,14 +129,20 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
                 f"{path} line {line}: {len(row)} columns, expected {width + 1} "
                 f"(filename,{','.join(names)})."
             )
-        file = (folder / row[0].strip()).resolve()
+        # realpath, not Path.resolve: on Python 3.11 resolve raises RuntimeError for a
+        # symlink loop, where realpath stops and leaves the loop to the check below.
+        file = Path(os.path.realpath(folder / row[0].strip()))
         if not file.is_relative_to(folder):
             raise DataError(
                 f"{path} line {line}: file name {row[0]!r} points outside {folder}. Use paths "
                 "relative to the CSV's folder, without '..' or absolute paths."
             )
         if not file.is_file():
-            raise DataError(f"{path} line {line}: image {file} does not exist.")
+            problem = file_problem(file) or "not a regular file"
+            raise DataError(
+                f"{path} line {line}: image {file} cannot be used: {problem}. Fix the row or "
+                "the file."
+            )
         try:
             vals = [float(c) for c in row[1:]]
         except ValueError:

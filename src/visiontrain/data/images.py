@@ -1,22 +1,177 @@
 """Decoding image files into uint8 CHW tensors.
 
 ``torchvision.io.decode_image`` (libjpeg-turbo, libpng, libwebp) is tried first; formats
-it does not read (BMP, TIFF, ...) fall back to PIL. Palette, alpha, grey and 16-bit
+it does not read (BMP, TIFF, ...) fall back to PIL. Palette, alpha, grey, CMYK and 16-bit
 images are converted to the requested channel count rather than refused.
+
+Before any pixel is decoded the file is checked: it must be a non-empty regular file (a
+directory named ``x.jpg``, a dangling link or a symlink loop is refused by name), and the
+size its header declares must stay within :data:`MAX_PIXELS`, so a decompression bomb (a
+few KB of file that declares 20000 x 20000 pixels) is refused before the decoder
+allocates its pixels.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from visiontrain.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k).
 MAX_PIXELS = 256_000_000
+# Appended to every per-file decode error: how to go on without fixing the file now.
+SKIP_HINT = "replace or delete it, or set data.on_error=skip to skip unreadable files"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it is a non-empty file.
+
+    Distinguishes the cases a user fixes differently: a missing file, a dangling link, a
+    symlink loop (``os.stat`` fails with ELOOP; ``Path.is_file`` would only say False), a
+    directory or device that merely has an image's name, and an empty file.
+
+    Args:
+        path: the file to check (links are followed).
+
+    Returns:
+        A clause such as ``"it is a directory, not an image file"``, or None.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                "not a regular file but a symbolic link loop (the link leads back to itself); "
+                "point the link at a real image or delete it"
+            )
+        if os.path.islink(path):
+            return (
+                "not a regular file but a broken symbolic link (its target does not exist); "
+                "fix or delete the link"
+            )
+        if exc.errno == errno.ENOENT:
+            return "not a regular file: it does not exist; fix the path or restore the file"
+        return f"it cannot be read ({exc.strerror}); check its permissions"
+    except ValueError as exc:  # an embedded NUL byte in the name
+        return f"its name is not a valid path ({exc}); rename it"
+    if stat.S_ISDIR(info.st_mode):
+        return (
+            "not a regular file but a directory; an image path must name a file (rename a "
+            "folder whose name ends in an image extension)"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or socket); remove it"
+    if info.st_size == 0:
+        return "the file is empty (0 bytes); replace or delete it"
+    return None
+
+
+def refuse_oversized(path: Path, width: int, height: int, what: str = "image") -> None:
+    """Raise when ``width`` x ``height`` is above :data:`MAX_PIXELS` (a decompression bomb).
+
+    Raises:
+        DataError: naming the file, its declared size and the limit.
+    """
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"{what} {path} declares {width}x{height} = {width * height:,} pixels, above the "
+            f"limit of {MAX_PIXELS:,} (a decompression-bomb guard); it was not decoded. "
+            f"Downscale the image, or {SKIP_HINT}."
+        )
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): the frame
+# header holds the size. C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _fast_header_size(data: bytearray) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or a JPEG SOF header, or None for anything else.
+
+    The fast path for the two common formats: PIL's ``Image.open`` costs about as much as
+    decoding a small image. None (another format, or a header this walk does not follow)
+    hands the decision to PIL's header parser.
+    """
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or scan data before a frame
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _JPEG_SOF:
+            if length < 7 or pos + 9 > end:
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _header_size(path: Path, data: bytearray) -> tuple[int, int]:
+    """(width, height) as the file's header declares it, without decoding pixels.
+
+    PNG and JPEG headers are read here directly; other formats through ``PIL.Image.open``,
+    which parses only the header (WebP frame header, BMP info header, ...). Either way
+    nothing is allocated per pixel.
+
+    Raises:
+        DataError: the header is not an image header PIL recognises, or it declares more
+            than :data:`MAX_PIXELS`.
+    """
+    size = _fast_header_size(data)
+    if size is None:
+        size = _pil_header_size(path)
+    refuse_oversized(path, *size)
+    return size
+
+
+def _pil_header_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    # PIL refuses above twice its global limit inside Image.open; tie that limit to ours
+    # so that PIL's refusal only ever fires where ours would anyway.
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # The size is judged by refuse_oversized against our limit, not PIL's warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"image {path} declares more than the limit of {MAX_PIXELS:,} pixels (a "
+            f"decompression-bomb guard; {exc}); it was not decoded. Downscale the image, or "
+            f"{SKIP_HINT}."
+        ) from None
+    except Exception as exc:  # PIL raises many types for a broken header
+        raise DataError(
+            f"cannot decode image {path}: {type(exc).__name__}: {exc}. The file is corrupt or "
+            f"not an image; {SKIP_HINT}."
+        ) from None
 
 
 def _to_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -27,19 +182,40 @@ def _to_uint8(img: torch.Tensor) -> torch.Tensor:
     return img.clamp(0, 255).to(torch.uint8)
 
 
+def _match_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """``img`` with exactly ``channels`` channels.
+
+    torchvision's WebP decoder ignores ``ImageReadMode.GRAY`` (it warns and returns RGB),
+    so the requested count is enforced here rather than trusted.
+    """
+    if img.shape[0] == channels:
+        return img
+    if channels == 1:
+        from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+        return rgb_to_grayscale(img[:3]).contiguous()
+    return img[:1].expand(3, -1, -1).contiguous() if img.shape[0] < 3 else img[:3].contiguous()
+
+
 def _decode_pil(path: Path, channels: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
-            im = Image.fromarray(arr)
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.array(im, dtype=np.uint8)
+    with warnings.catch_warnings():
+        # The declared size was already checked against MAX_PIXELS by _header_size.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16"):
+                # The high byte, as the torchvision path keeps it for 16-bit PNGs.
+                arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+                im = Image.fromarray(arr)
+            elif im.mode in ("I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = (arr / max(float(np.nanmax(arr, initial=0.0)), 1.0) * 255.0).clip(0, 255)
+                im = Image.fromarray(np.nan_to_num(arr).astype(np.uint8))
+            im = im.convert("L" if channels == 1 else "RGB")
+            arr = np.array(im, dtype=np.uint8)
     t = torch.from_numpy(arr)
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -47,31 +223,55 @@ def _decode_pil(path: Path, channels: int) -> torch.Tensor:
 def decode_file(path: str | Path, channels: int = 3) -> torch.Tensor:
     """Decode an image file into a uint8 tensor of shape (channels, H, W).
 
+    The file is checked first (:func:`file_problem`), then its header's size against
+    :data:`MAX_PIXELS`; only then are pixels decoded. CMYK JPEGs, palette, alpha, grey and
+    16-bit images are converted to ``channels`` (alpha is dropped; 16-bit keeps the high
+    byte).
+
+    Args:
+        path: the image file.
+        channels: 1 (grey) or 3 (RGB).
+
     Raises:
-        DataError: the file is missing, empty, not an image, or too large.
+        DataError: the file is missing, not a regular file, empty, not an image, corrupt,
+            or declares more than :data:`MAX_PIXELS` pixels. The message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"cannot read image {path}: it is not a regular file.")
-    if path.stat().st_size == 0:
+    problem = file_problem(path)
+    if problem is not None:
         raise DataError(
-            f"cannot read image {path}: the file is empty (0 bytes). Replace or delete it, "
-            "or set data.on_error=skip to skip unreadable files."
+            f"cannot read image {path}: {problem}. Or set data.on_error=skip to skip "
+            "unreadable files."
         )
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        img = decode_image(read_file(str(path)), mode=mode)
+        with open(path, "rb") as fh:
+            # One read into a writable buffer: the header check and the decoder share it.
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            got = fh.readinto(data)
+    except OSError as exc:  # removed or made unreadable since the check above
+        raise DataError(f"cannot read image {path}: {exc.strerror}; {SKIP_HINT}.") from None
+    if got < len(data):  # the file shrank since fstat
+        del data[got:]
+    _header_size(path, data)
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        # The WebP decoder has no grey mode (it warns and returns RGB); ask for RGB and
+        # let _match_channels convert.
+        mode = ImageReadMode.RGB
+    try:
+        img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
     except (RuntimeError, ValueError):
         try:
             img = _decode_pil(path, channels)
         except Exception as exc:  # PIL raises many types for broken files
             raise DataError(
                 f"cannot decode image {path}: {type(exc).__name__}: {exc}. The file is "
-                "corrupt or not an image; replace or delete it, or set data.on_error=skip."
+                f"corrupt or not an image; {SKIP_HINT}."
             ) from None
-    img = _to_uint8(img)
-    if img.shape[-1] * img.shape[-2] > MAX_PIXELS:
-        raise DataError(f"image {path} has more than {MAX_PIXELS} pixels; refusing to use it.")
+    img = _match_channels(_to_uint8(img), channels)
+    # The decoder agrees with the header in every format we read; checked anyway, as the
+    # pixels are already there and a disagreement means the file lies about its size.
+    refuse_oversized(path, img.shape[-1], img.shape[-2])
     return img
 
 

@@ -21,6 +21,8 @@ loaded.
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +53,29 @@ IGNORE = 255
 def read_mask(path: Path) -> np.ndarray:
     """Read a class-index mask PNG as uint8 (H, W).
 
+    The file is checked as an image file is (:func:`visiontrain.data.images.file_problem`)
+    and its header's size against ``MAX_PIXELS`` before any pixel is decoded.
+
     Raises:
-        DataError: the file is unreadable, or not a single-channel class-index image.
+        DataError: the file is not a regular file, unreadable, declares more than
+            ``MAX_PIXELS`` pixels, or is not a single-channel class-index image.
     """
+    problem = imagefiles.file_problem(path)
+    if problem is not None:
+        raise DataError(f"cannot read mask {path}: {problem}.")
+    # PIL refuses above twice its global limit on open; ours is checked on the header.
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            # For mode P, np.array gives the palette indices, which are the classes.
-            arr = np.array(im) if mode in ("L", "P", "1") else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                imagefiles.refuse_oversized(path, *im.size, what="mask")
+                im.load()
+                mode = im.mode
+                # For mode P, np.array gives the palette indices, which are the classes.
+                arr = np.array(im) if mode in ("L", "P", "1") else None
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises many types for broken files
         raise DataError(
             f"cannot read mask {path}: {type(exc).__name__}: {exc}. Replace the file."
@@ -82,10 +97,15 @@ def _scan_split(folder: Path) -> tuple[list[Path], list[Path]]:
             f"{folder} has no images/ folder. Expected {folder}/images/*.png|jpg and "
             f"{folder}/masks/<same name>.png."
         )
+    # A directory named like an image is a folder, not an image; anything else with an
+    # image's name is listed so that a symlink loop or dangling link is refused by name
+    # below rather than silently left out.
     images = sorted(
         p
         for p in img_dir.iterdir()
-        if p.is_file() and p.suffix.lower() in MASK_IMAGE_EXTENSIONS and not p.name.startswith(".")
+        if p.suffix.lower() in MASK_IMAGE_EXTENSIONS
+        and not p.name.startswith(".")
+        and not p.is_dir()
     )
     if not images:
         raise DataError(
@@ -102,7 +122,14 @@ def _scan_split(folder: Path) -> tuple[list[Path], list[Path]]:
                 f"the mask {mask_dir / (image.stem + '.png')}. Rename or remove one."
             )
         seen[image.stem] = image
+        if not image.is_file():
+            raise DataError(
+                f"cannot read image {image}: {imagefiles.file_problem(image)}. Fix or remove it."
+            )
         mask = mask_dir / f"{image.stem}.png"
+        if os.path.lexists(mask) and not mask.is_file():
+            problem = imagefiles.file_problem(mask)
+            raise DataError(f"the mask {mask} of image {image} cannot be read: {problem}.")
         if not mask.is_file():
             raise DataError(
                 f"image {image} has no mask: expected {mask} (a class-index PNG with the same "
