@@ -1,4 +1,4 @@
-"""Framework overhead: visiontrain's Trainer against a hand-written PyTorch loop.
+"""Framework overhead: visiontrain's Trainer, a hand-written PyTorch loop and Lightning.
 
 What is compared
     Both contenders train the same network (built by ``visiontrain.models.create_model``,
@@ -18,13 +18,31 @@ What is compared
       installs: ``metrics.jsonl``, TensorBoard, checkpointer and the progress printer
       (``--progress bar``, the default, or ``plain``). ``train.log_every`` keeps its
       default (10), so logging, the grad-norm and the one host sync per interval are in.
+    * ``lightning``: PyTorch Lightning (``pip install -e '.[bench]'``; skipped, with the
+      reason printed, when it is not importable, or with ``--no-lightning``) — a
+      ``LightningModule`` around its own copy of the network with the same starting
+      weights, the raw loop's ``DataLoader`` kind over the same tensor, the same
+      ``addcmul`` normalisation in ``training_step``, ``self.log("train/loss", loss,
+      prog_bar=True)`` every step, the same AdamW (returned by ``configure_optimizers``
+      and kept across rounds, so its state carries over as the other two's does), and
+      ``lightning.Trainer(accelerator="cpu", devices=1, precision="32-true",
+      max_epochs=1, log_every_n_steps=10, enable_checkpointing=False,
+      enable_model_summary=False, num_sanity_val_steps=0)`` with Lightning's own
+      ``TensorBoardLogger`` (its default logger) and ``TQDMProgressBar(refresh_rate=10)``
+      drawing to ``/dev/null``: the same logging cadence as visiontrain's (records every
+      10 steps, the bar redrawn every 10), one logger fewer (no JSON lines file) and no
+      grad-norm. Automatic optimisation: Lightning's closure runs zero_grad, forward,
+      backward, then ``optimizer.step``.
 
 What is timed
     One training epoch: for the raw loop the ``for`` loop over its loader, for the
     Trainer one ``Trainer.train_epoch()`` call (its loader, every step, the interval and
-    epoch log records). Excluded from both: imports, data generation, building the model,
-    optimizer, loaders and run directory, and the per-epoch work that ``fit`` does after
-    ``train_epoch`` (validation, checkpoint files). The progress bar is started just
+    epoch log records), for Lightning from its ``on_train_epoch_start`` to its
+    ``on_train_epoch_end`` callback hook (the loader, every step, the logging and bar
+    updates; one ``lightning.Trainer.fit`` with ``max_epochs=1`` per round, its set-up
+    and tear-down untimed). Excluded from all: imports, data generation, building the
+    model, optimizer, loaders and run directory, and the per-epoch work that ``fit`` does
+    after the epoch (validation, checkpoint files). The progress bar is started just
     before each timed Trainer epoch and stopped just after, so that whatever it runs
     (a refresh thread, in rich's default mode) runs only while the Trainer is timed.
     With ``--progress bar`` the bar renders to ``/dev/null`` as if to a terminal
@@ -32,18 +50,20 @@ What is timed
 
 Method
     Setup once, then a warm-up epoch of each contender (oneDNN primitive caches, the
-    allocator, first-call imports), then ``--rounds`` rounds of ``raw`` then ``trainer``,
-    alternating, so that drift in machine load hits both alike. Each epoch is timed by
-    the wall clock and by the process's CPU time (all threads, so the bar's refresh
-    thread and TensorBoard's writer thread count; steadier than wall time on a shared
-    machine, but with two or more torch threads it also counts OpenMP spin-waiting).
-    Reported: median and minimum seconds per epoch of each contender, the median CPU
-    seconds, the median of the per-round (paired) ratios, the CPU-time ratio, and last
-    the headline ``ratio trainer/raw: X.XX``, the ratio of the median wall times.
+    allocator, first-call imports), then ``--rounds`` rounds of ``raw``, ``trainer``,
+    ``lightning``, alternating (the order rotating from round to round), so that drift
+    in machine load hits all alike. Each epoch is timed by the wall clock and by the
+    process's CPU time (all threads, so the bar's refresh thread and TensorBoard's writer
+    thread count; steadier than wall time on a shared machine, but with two or more torch
+    threads it also counts OpenMP spin-waiting). Reported: median and minimum seconds per
+    epoch of each contender, the median CPU seconds, the median of the per-round (paired)
+    ratios, the CPU-time ratio, the ratios ``lightning/raw`` and ``trainer/lightning``
+    (below 1: visiontrain is the faster), and last the headline ``ratio trainer/raw:
+    X.XX``, the ratio of the median wall times.
 
     ``build_trainer`` sets torch's thread count for the run (``OMP_NUM_THREADS`` if set,
     else the cores left free by loader workers); ``--threads N`` overrides it after the
-    build, for both contenders. ``--profile DIR`` runs cProfile over extra epochs after
+    build, for every contender. ``--profile DIR`` runs cProfile over extra epochs after
     the timed rounds (never during them). ``--drop NAME`` removes one of the Trainer's
     loggers, to attribute the overhead; the target setting keeps them all.
 
@@ -54,7 +74,10 @@ seconds-long smoke run (tiny sizes, one round) used by the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib.util
+import logging
 import os
 import platform
 import pstats
@@ -62,6 +85,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,6 +140,7 @@ class Settings:
     threads: int | None
     profile: Path | None
     drop: tuple[str, ...]
+    lightning: bool
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -166,6 +191,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="remove this callback from the Trainer (repeatable): to attribute the "
         "overhead only; the target setting keeps them all",
     )
+    p.add_argument(
+        "--no-lightning",
+        dest="lightning",
+        action="store_false",
+        help="leave out the PyTorch Lightning contender (it is also left out, with the "
+        "reason printed, when lightning is not importable)",
+    )
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
@@ -182,6 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         threads=args.threads,
         profile=args.profile,
         drop=tuple(args.drop),
+        lightning=args.lightning,
         **sizes,
     )
 
@@ -324,6 +357,132 @@ class TrainerSide:
             cb.close()
 
 
+# ---------------------------------------------------------------------- Lightning
+
+
+def lightning_missing() -> str | None:
+    """Why the Lightning contender cannot run, or None when it can."""
+    if importlib.util.find_spec("lightning") is None:
+        return "lightning is not importable (pip install -e '.[bench]')"
+    return None
+
+
+class LightningSide:
+    """PyTorch Lightning on the raw loop's data, network and optimizer settings.
+
+    Each epoch is one ``lightning.Trainer.fit(max_epochs=1)``: a Lightning Trainer runs
+    its epochs inside ``fit``, and the benchmark must interleave the contenders between
+    epochs. A callback times the epoch itself (from ``on_train_epoch_start`` to
+    ``on_train_epoch_end``), so the per-``fit`` set-up is not charged to Lightning. The
+    module, its optimizer (and so the AdamW state) and the logger persist across rounds.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        s: Settings,
+        log_dir: Path,
+    ) -> None:
+        import lightning as L  # optional: only imported when the contender runs
+        from lightning.pytorch.callbacks import TQDMProgressBar
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        self._L, self._bar = L, TQDMProgressBar
+        # Lightning's "GPU available" and tip lines go to a logging handler bound to the
+        # real stderr at import; keep them out of the benchmark's output.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        sd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        scale, shift = 1.0 / sd, -m / sd
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+
+        class Module(L.LightningModule):
+            """The idiomatic LightningModule: step, log, optimizer."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
+
+            def training_step(
+                self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+            ) -> torch.Tensor:
+                images, labels = batch
+                x = torch.addcmul(shift, images.float(), scale)
+                loss = F.cross_entropy(self.net(x), labels)
+                self.log("train/loss", loss, prog_bar=True)
+                return loss
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return optimizer  # the same object every fit: AdamW state carries over
+
+        self.module = Module()
+        self.loader = DataLoader(
+            TensorDataset(images, labels),
+            batch_size=s.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(SEED),
+        )
+        # Lightning's default logger when tensorboard is installed, made explicit so that
+        # every round writes into the same version folder.
+        self.logger = TensorBoardLogger(str(log_dir), name="lightning", version=0)
+        self.into: Samples | None = None
+        self.threads = torch.get_num_threads()
+        side = self
+
+        class EpochTimer(L.Callback):
+            """Times the epoch inside ``fit``: the part comparable to the other two."""
+
+            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+                if side.into is not None:
+                    side.into.wall.append(wall)
+                    side.into.cpu.append(cpu)
+
+        self.timer = EpochTimer()
+
+    def epoch(self, into: Samples | None) -> None:
+        """One ``fit`` of one epoch; its epoch time goes into ``into`` (None: warm-up)."""
+        self.into = into
+        trainer = self._L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            max_epochs=1,
+            logger=self.logger,
+            log_every_n_steps=10,
+            callbacks=[self._bar(refresh_rate=10), self.timer],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        # The bar draws to stdout (tqdm, as on a terminal: carriage returns); /dev/null
+        # takes it, and Lightning's start-up lines, so that only our table is printed.
+        with (
+            open(os.devnull, "w") as sink,
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+            warnings.catch_warnings(),
+        ):
+            # "does not have many workers": in-memory tensors, as for the other two.
+            warnings.simplefilter("ignore")
+            trainer.fit(self.module, train_dataloaders=self.loader)
+        if torch.get_num_threads() != self.threads:
+            raise RuntimeError(
+                f"Lightning changed torch's thread count from {self.threads} to "
+                f"{torch.get_num_threads()}: the contenders would not compare"
+            )
+
+
 # ---------------------------------------------------------------------- measuring
 
 
@@ -398,7 +557,7 @@ def measure(s: Settings, tmp: Path) -> dict[str, Samples]:
         # explicit --threads is applied after it; one process, so both contenders share it.
         if s.threads is not None:
             torch.set_num_threads(s.threads)
-        print(f"torch intra-op threads (both contenders): {torch.get_num_threads()}", flush=True)
+        print(f"torch intra-op threads (all contenders): {torch.get_num_threads()}", flush=True)
         if s.drop:
             for cb in trainer.callbacks:
                 if cb.name in s.drop:
@@ -407,7 +566,8 @@ def measure(s: Settings, tmp: Path) -> dict[str, Samples]:
             print(f"callbacks dropped from the Trainer: {', '.join(s.drop)}", flush=True)
         side = TrainerSide(trainer)
         try:
-            return alternate(s, side, raw_contender(s, trainer))
+            raw = raw_contender(s, trainer)
+            return alternate(s, side, raw, lightning_contender(s, trainer, raw, tmp))
         finally:
             side.close()
 
@@ -431,18 +591,57 @@ def raw_contender(s: Settings, trainer: Trainer) -> RawLoop:
     return raw
 
 
-def alternate(s: Settings, side: TrainerSide, raw: RawLoop) -> dict[str, Samples]:
-    """Warm up each contender, then time rounds of raw, trainer, raw, trainer, ..."""
+def lightning_contender(
+    s: Settings, trainer: Trainer, raw: RawLoop, tmp: Path
+) -> LightningSide | None:
+    """Lightning on the raw loop's tensor and starting weights; None (said why) if absent."""
+    if not s.lightning:
+        print("lightning: skipped (--no-lightning)", flush=True)
+        return None
+    missing = lightning_missing()
+    if missing is not None:
+        print(f"lightning: skipped ({missing})", flush=True)
+        return None
+    b, m = trainer.bundle, trainer.cfg.model
+    model = create_model(
+        m.name, num_classes=b.num_classes, in_chans=b.in_channels, width=m.width, depth=m.depth
+    )
+    model.load_state_dict(trainer.model.state_dict())  # same starting weights
+    side = LightningSide(model, raw.images, raw.labels, b.mean, b.std, s, tmp / "lightning")
+    if len(side.loader) != s.steps:
+        raise RuntimeError(f"step counts differ: lightning {len(side.loader)}, {s.steps}")
+    import lightning
+
+    print(f"lightning {lightning.__version__}: contender on", flush=True)
+    return side
+
+
+def alternate(
+    s: Settings, side: TrainerSide, raw: RawLoop, light: LightningSide | None = None
+) -> dict[str, Samples]:
+    """Warm up each contender, then time rounds of raw, trainer, lightning, raw, ..."""
     for _ in range(s.warmup):
         timed(raw.epoch)
         timed(side.epoch, None, side.before, side.after)
+        if light is not None:
+            light.epoch(None)
     times = {"raw": Samples(), "trainer": Samples()}
+    if light is not None:
+        times["lightning"] = Samples()
+    runs: list[Callable[[], None]] = [
+        lambda: timed(raw.epoch, times["raw"]),
+        lambda: timed(side.epoch, times["trainer"], side.before, side.after),
+    ]
+    if light is not None:
+        runs.append(lambda: light.epoch(times["lightning"]))
     for r in range(s.rounds):
-        timed(raw.epoch, times["raw"])
-        timed(side.epoch, times["trainer"], side.before, side.after)
+        # The order rotates from round to round, so that no contender always runs first
+        # (after a pause) or right after another one's allocations.
+        for i in range(len(runs)):
+            runs[(r + i) % len(runs)]()
         print(
-            f"  round {r + 1}/{s.rounds}: raw {times['raw'].wall[-1]:.3f} s  "
-            f"trainer {times['trainer'].wall[-1]:.3f} s",
+            f"  round {r + 1}/{s.rounds}: "
+            + "  ".join(f"{name} {v.wall[-1]:.3f} s" for name, v in times.items()),
             flush=True,
         )
     if s.profile is not None:
@@ -490,6 +689,16 @@ def report(s: Settings, times: dict[str, Samples]) -> float:
         f"overhead {per_step_ms:+.2f} ms/step"
     )
     print(f"CPU-time ratio trainer/raw (medians): {cpu['trainer'] / cpu['raw']:.3f}")
+    if "lightning" in times:
+        lt = times["lightning"]
+        paired_l = [t / lg for t, lg in zip(tr.wall, lt.wall, strict=True)]
+        print(f"ratio lightning/raw: {wall['lightning'] / wall['raw']:.2f}")
+        print(
+            f"paired per-round ratio trainer/lightning: median "
+            f"{statistics.median(paired_l):.3f} (min {min(paired_l):.3f}, "
+            f"max {max(paired_l):.3f}); CPU-time ratio {cpu['trainer'] / cpu['lightning']:.3f}"
+        )
+        print(f"ratio trainer/lightning: {wall['trainer'] / wall['lightning']:.2f}")
     ratio = wall["trainer"] / wall["raw"]
     print(f"ratio trainer/raw: {ratio:.2f}")
     return ratio
@@ -502,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"visiontrain overhead: model {s.model}, {s.image_size}px, batch {s.batch_size}, "
         f"{s.steps} steps/epoch, {s.warmup} warm-up + {s.rounds} rounds, fp32, cpu, "
-        f"progress={s.progress}, raw loader={s.raw_loader}"
+        f"progress={s.progress}, raw loader={s.raw_loader}, "
+        f"lightning={'on' if s.lightning and lightning_missing() is None else 'off'}"
     )
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "

@@ -1,7 +1,8 @@
-"""The overhead benchmark runs end to end; its timings are never asserted (they are noise)."""
+"""Every benchmark runs end to end in --quick mode; timings are never asserted (noise)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -10,8 +11,23 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARK = BENCHMARKS / "overhead.py"
 RATIO_LINE = re.compile(r"^ratio trainer/raw: \d+\.\d{2}$")
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``script --quick`` in a subprocess whose temp files and data cache go to tmp_path."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "VISIONTRAIN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 @pytest.mark.slow
@@ -19,7 +35,7 @@ RATIO_LINE = re.compile(r"^ratio trainer/raw: \d+\.\d{2}$")
     "extra",
     [
         [],
-        ["--progress", "plain", "--raw-loader", "slice", "--threads", "1"],
+        ["--progress", "plain", "--raw-loader", "slice", "--threads", "1", "--no-lightning"],
     ],
     ids=["defaults", "plain-slice"],
 )
@@ -40,6 +56,15 @@ def test_overhead_quick_runs_and_prints_a_ratio(tmp_path: Path, extra: list[str]
     assert any(line.startswith("raw ") for line in lines), proc.stdout
     assert any(line.startswith("trainer ") for line in lines), proc.stdout
     assert "round 1/1" in proc.stdout
+    if "--no-lightning" in extra:
+        assert "lightning: skipped (--no-lightning)" in proc.stdout
+    elif importlib.util.find_spec("lightning") is None:
+        # CI without the bench extra: the contender is skipped and says why.
+        assert "lightning: skipped (lightning is not importable" in proc.stdout
+    else:
+        assert any(line.startswith("lightning ") for line in lines), proc.stdout
+        assert re.search(r"^ratio lightning/raw: \d+\.\d{2}$", proc.stdout, re.M)
+        assert re.search(r"^ratio trainer/lightning: \d+\.\d{2}$", proc.stdout, re.M)
     # torch may leave its own cache folder (torchinductor_*) in TMPDIR; the benchmark's
     # run directories and data cache live under a vt-bench-* folder that must be gone.
     assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
@@ -97,3 +122,42 @@ def test_imbalance_quick_prints_the_table(tmp_path: Path) -> None:
         for s in (0, 1)
     ]
     assert f"{sum(recalls) / 2:.3f} ± " in rows[1]
+
+
+@pytest.mark.slow
+def test_loader_quick_prints_rates_and_ratios(tmp_path: Path) -> None:
+    out = run_quick("loader.py", tmp_path).stdout
+    assert "contender" in out and "median img/s" in out, out
+    for name in ("torchvision", "visiontrain none", "decode ceiling"):
+        assert re.search(rf"^{name} +\d+\.\d ", out, re.M), out
+    assert re.search(r"^ratio visiontrain none/torchvision: \d+\.\d{2}$", out, re.M), out
+    assert re.search(r"^ratio decode ceiling/torchvision: \d+\.\d{2}$", out, re.M), out
+    # The disk cache contender is measured when visiontrain.data.cache exists, and says
+    # why not when it does not.
+    if importlib.util.find_spec("visiontrain.data.cache") is None:
+        assert "visiontrain disk: unavailable: " in out, out
+    else:
+        assert re.search(r"^ratio visiontrain disk/torchvision: \d+\.\d{2}$", out, re.M), out
+    assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_quick_prints_the_table(tmp_path: Path) -> None:
+    out = run_quick("time_to_accuracy.py", tmp_path).stdout
+    assert "| data | target | recipe | seed 0 | median |" in out, out
+    for dataset, metric in (("digits", "accuracy"), ("defects", "macro_f1")):
+        for recipe in ("visiontrain", "reference"):
+            assert re.search(rf"^\| {dataset} \| {metric} ≥ [\d.]+ \| {recipe} \| ", out, re.M)
+        assert re.search(rf"^ratio reference/visiontrain {dataset}: \S+", out, re.M), out
+    # Each run either reached its target (seconds, epoch) or says it did not.
+    assert re.search(r"(\d+\.\d s \(epoch \d+\)|not reached in \d+ epochs), best", out)
+
+
+@pytest.mark.slow
+def test_gpu_throughput_quick_runs_on_the_cpu(tmp_path: Path) -> None:
+    out = run_quick("gpu_throughput.py", tmp_path, "--max-batch").stdout
+    assert re.search(r"^mode +img/s +ms/step +peak GiB +TFLOP/s +MFU +max batch$", out, re.M)
+    assert re.search(r"^fp32 +\d+\.\d ", out, re.M), out
+    for mode in ("tf32", "bf16", "bf16_cl", "bf16_cl_compile"):
+        assert re.search(rf"^{mode} +skipped: CUDA only", out, re.M), out
+    assert "largest batch: skipped (no out-of-memory error on the CPU)" in out
