@@ -73,7 +73,7 @@ def _bundle(
 
 @register_source("digits", uses=("augment",))
 def build_digits(cfg: DataConfig, task: str) -> DataBundle:
-    """scikit-learn's 1,797 handwritten 8x8 digits, upsampled, stratified 64/16/20 split."""
+    """scikit-learn's 1,797 8x8 digits, upsampled; 20% test, then data.val_split of the rest."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
