@@ -59,8 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from common import private_cache
 from visiontrain.engine.build import set_cpu_threads
 
 DEFAULTS: dict[str, Any] = {
@@ -378,20 +378,6 @@ def cache_missing(cache: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- measuring
-
-
-@contextmanager
-def private_cache(folder: Path) -> Iterator[None]:
-    """Point ``VISIONTRAIN_CACHE`` at ``folder`` for the duration, then restore it."""
-    old = os.environ.get("VISIONTRAIN_CACHE")
-    os.environ["VISIONTRAIN_CACHE"] = str(folder)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VISIONTRAIN_CACHE", None)
-        else:
-            os.environ["VISIONTRAIN_CACHE"] = old
 
 
 def timed_epoch(c: Contender, index: int) -> tuple[float, int]:

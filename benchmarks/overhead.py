@@ -87,7 +87,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +97,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import private_cache
 from visiontrain.config import build_config
 from visiontrain.engine.build import build_trainer
 from visiontrain.engine.trainer import Trainer
@@ -516,20 +516,6 @@ def timed(
     if into is not None:
         into.wall.append(wall)
         into.cpu.append(cpu)
-
-
-@contextmanager
-def private_cache(folder: Path) -> Iterator[None]:
-    """Point ``VISIONTRAIN_CACHE`` at ``folder`` for the duration, then restore it."""
-    old = os.environ.get("VISIONTRAIN_CACHE")
-    os.environ["VISIONTRAIN_CACHE"] = str(folder)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VISIONTRAIN_CACHE", None)
-        else:
-            os.environ["VISIONTRAIN_CACHE"] = old
 
 
 def cpu_name() -> str:

@@ -56,8 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from common import private_cache
 from visiontrain.config import Config, load_config
 from visiontrain.data import DataBundle, build_data
 from visiontrain.data.transforms import Normalizer
@@ -303,20 +303,6 @@ def run_reference(dataset: str, s: Settings, seed: int) -> Outcome:
 
 
 # ---------------------------------------------------------------------- reporting
-
-
-@contextmanager
-def private_cache(folder: Path) -> Iterator[None]:
-    """Point ``VISIONTRAIN_CACHE`` at ``folder`` for the duration, then restore it."""
-    old = os.environ.get("VISIONTRAIN_CACHE")
-    os.environ["VISIONTRAIN_CACHE"] = str(folder)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VISIONTRAIN_CACHE", None)
-        else:
-            os.environ["VISIONTRAIN_CACHE"] = old
 
 
 def describe(o: Outcome) -> str:
