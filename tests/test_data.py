@@ -891,3 +891,27 @@ def test_loader_batches_match_with_and_without_workers(private_cache: Path):
     for (xa, ya), (xb, yb) in zip(*results, strict=True):
         assert xa.dtype == torch.uint8 and xa.shape == (8, 1, 16, 16)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize(
+    ("draws", "reference"),
+    [
+        ([0.75, 0.5, 0.5], "adjust_brightness"),
+        ([0.5, 0.75, 0.5], "adjust_contrast"),
+        ([0.5, 0.5, 0.75], "adjust_saturation"),
+    ],
+)
+def test_fused_colour_jitter_matches_torchvision_one_factor_at_a_time(
+    monkeypatch, draws, reference
+):
+    from torchvision.transforms.v2 import functional as TF
+
+    from visiontrain.data.transforms import FusedColorJitter
+
+    x = torch.randint(
+        0, 256, (3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    monkeypatch.setattr(torch, "rand", lambda n: torch.tensor(draws))
+    out = FusedColorJitter(0.3)(x)
+    expected = getattr(TF, reference)(x, 1.15)  # a draw of 0.75 is a factor of 1 + 0.5 * 0.3
+    assert (out.int() - expected.int()).abs().max() <= 1

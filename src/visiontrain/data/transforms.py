@@ -28,14 +28,43 @@ def _light(size: int, channels: int) -> list[v2.Transform]:
     ]
 
 
+class FusedColorJitter(v2.Transform):
+    """Brightness, contrast and (colour) saturation jitter in one float pass over uint8.
+
+    ``v2.ColorJitter`` converts to float and back and clamps once per adjustment, in a
+    random order; on a 224 px image that is 0.9 ms of a loader worker's time per sample.
+    This draws the three factors in ``[1 - amount, 1 + amount]``, applies them in a fixed
+    order (brightness, contrast about the mean grey, saturation about each pixel's grey;
+    grey is ITU-R 601 luma, as torchvision's) in one float pass, and clamps once: about
+    0.3 ms. The draws come from torch's global generator, which the loader seeds per
+    sample. Tensors only (the classification pipeline; detection and segmentation keep
+    ``v2.ColorJitter``, which moves with their boxes and masks).
+    """
+
+    def __init__(self, amount: float) -> None:
+        super().__init__()
+        self.amount = amount
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, c, s = (1 + (torch.rand(3) * 2 - 1) * self.amount).tolist()
+        x = image.float()
+        if x.shape[-3] == 3:
+            grey = x[0] * 0.299
+            grey.add_(x[1], alpha=0.587).add_(x[2], alpha=0.114)
+        else:
+            grey, s = x[0].clone(), 1.0  # one channel: no saturation to change
+        mean = float(grey.mean())
+        # The three steps compose into one affine map per pixel (grey and mean: the input's
+        # luma and its mean):  out = s·c·b·x + c·b·(1 - s)·grey + (1 - c)·b·mean.
+        grey.mul_(c * b * (1 - s)).add_((1 - c) * b * mean)
+        return x.mul_(s * c * b).add_(grey).clamp_(0, 255).to(torch.uint8)
+
+
 def _standard(size: int, channels: int) -> list[v2.Transform]:
-    jitter = {"brightness": 0.3, "contrast": 0.3}
-    if channels == 3:
-        jitter["saturation"] = 0.3
     return [
         v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.ColorJitter(**jitter),
+        FusedColorJitter(0.3),
     ]
 
 
