@@ -34,6 +34,8 @@ import torch
 from visiontrain.config import DataConfig
 from visiontrain.data import images
 from visiontrain.data.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataBundle,
     PreparedSplit,
     Split,
@@ -43,8 +45,6 @@ from visiontrain.data.sources import (
 )
 from visiontrain.errors import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Working size when data.image_size is unset: detection needs more pixels than the 224 of
 # classification for small objects to survive the resize.
 DEFAULT_IMAGE_SIZE = 512

@@ -15,7 +15,7 @@ Presets mirror the loader's (:mod:`visiontrain.data.transforms`):
 * ``standard``: a random resized crop (area 25-100%, aspect 3/4-4/3) with bilinear
   sampling (``affine_grid`` + ``grid_sample``; no antialiasing, unlike the loader's
   resize), a horizontal flip, then brightness, contrast and (colour) saturation jitter of
-  ±30%, always in that order (the loader's ColorJitter shuffles the order).
+  ±30% with the loader's :func:`~visiontrain.data.transforms.jitter_colour`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from visiontrain.data.transforms import jitter_colour
 from visiontrain.engine.seed import sample_seed
 from visiontrain.errors import ConfigError
 
@@ -58,7 +59,7 @@ def light(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def standard(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random resized crop, flip and colour jitter of a float (N, C, H, W) batch in 0-255."""
-    n, c, _, _ = x.shape
+    n = x.shape[0]
     dev = x.device
     area = _uniform(n, *SCALE, g, dev)
     log_ratio = _uniform(n, math.log(RATIO[0]), math.log(RATIO[1]), g, dev)
@@ -76,25 +77,8 @@ def standard(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    b = _uniform(n, 1 - JITTER, 1 + JITTER, g, dev).view(n, 1, 1, 1)
-    x = (x * b).clamp(0, 255)
-    k = _uniform(n, 1 - JITTER, 1 + JITTER, g, dev).view(n, 1, 1, 1)
-    grey = _grey(x)
-    mean = grey.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * k + mean).clamp(0, 255)
-    if c == 3:
-        s = _uniform(n, 1 - JITTER, 1 + JITTER, g, dev).view(n, 1, 1, 1)
-        grey = _grey(x)
-        x = ((x - grey) * s + grey).clamp(0, 255)
-    return x
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma (ITU-R 601, as torchvision's rgb_to_grayscale) of an (N, C, H, W) batch."""
-    if x.shape[1] == 1:
-        return x
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    b, k, s = (_uniform(n, 1 - JITTER, 1 + JITTER, g, dev).view(n, 1, 1, 1) for _ in range(3))
+    return jitter_colour(x, b, k, s)
 
 
 PRESETS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {

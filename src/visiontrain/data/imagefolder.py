@@ -19,6 +19,8 @@ import numpy as np
 from visiontrain.config import DataConfig
 from visiontrain.data.images import IMAGE_EXTENSIONS, file_problem
 from visiontrain.data.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataBundle,
     FileSplit,
     Split,
@@ -27,9 +29,6 @@ from visiontrain.data.sources import (
     stratified_split,
 )
 from visiontrain.errors import DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _unlistable(exc: OSError) -> NoReturn:

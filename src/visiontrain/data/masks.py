@@ -33,6 +33,8 @@ from visiontrain.config import DataConfig
 from visiontrain.data import images as imagefiles
 from visiontrain.data.images import MAX_PIXELS
 from visiontrain.data.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataBundle,
     PreparedSplit,
     Split,
@@ -42,8 +44,6 @@ from visiontrain.data.sources import (
 )
 from visiontrain.errors import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Working size when data.image_size is unset.
 DEFAULT_IMAGE_SIZE = 256
 MASK_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

@@ -24,6 +24,11 @@ from visiontrain.errors import ConfigError, DataError, did_you_mean
 Target = int | np.ndarray | dict | torch.Tensor
 
 
+# Normalisation statistics of file sources: ImageNet's, what pretrained backbones expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def target_at(labels: np.ndarray, index: int) -> Target:
     """The target of sample ``index``: an int class index, or a float32 row for regression."""
     if labels.ndim == 1:

@@ -47,17 +47,29 @@ class FusedColorJitter(v2.Transform):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # noqa: D102
         b, c, s = (1 + (torch.rand(3) * 2 - 1) * self.amount).tolist()
-        x = image.float()
-        if x.shape[-3] == 3:
-            grey = x[0] * 0.299
-            grey.add_(x[1], alpha=0.587).add_(x[2], alpha=0.114)
-        else:
-            grey, s = x[0].clone(), 1.0  # one channel: no saturation to change
-        mean = float(grey.mean())
-        # The three steps compose into one affine map per pixel (grey and mean: the input's
-        # luma and its mean):  out = s·c·b·x + c·b·(1 - s)·grey + (1 - c)·b·mean.
-        grey.mul_(c * b * (1 - s)).add_((1 - c) * b * mean)
-        return x.mul_(s * c * b).add_(grey).clamp_(0, 255).to(torch.uint8)
+        return jitter_colour(image.float(), b, c, s).to(torch.uint8)
+
+
+Factor = float | torch.Tensor
+
+
+def jitter_colour(x: torch.Tensor, b: Factor, c: Factor, s: Factor) -> torch.Tensor:
+    """Brightness ``b``, contrast ``c``, saturation ``s`` of float images in 0-255, in place.
+
+    ``x`` is (C, H, W) or (N, C, H, W); the factors are numbers or tensors broadcasting to
+    (N, 1, 1, 1) (a draw per sample). Applied in that order (contrast about the mean
+    grey, saturation about each pixel's grey; grey is ITU-R 601 luma, as torchvision's),
+    the three compose into one affine map per pixel, computed in one pass and clamped
+    once:  out = s·c·b·x + c·b·(1 - s)·grey + (1 - c)·b·mean(grey).
+    """
+    if x.shape[-3] == 3:
+        grey = x[..., 0:1, :, :] * 0.299
+        grey.add_(x[..., 1:2, :, :], alpha=0.587).add_(x[..., 2:3, :, :], alpha=0.114)
+    else:
+        grey, s = x.clone(), 1.0  # one channel: no saturation to change
+    mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
+    grey.mul_(c * b * (1 - s)).add_((1 - c) * b * mean)
+    return x.mul_(s * c * b).add_(grey).clamp_(0, 255)
 
 
 def _standard(size: int, channels: int) -> list[v2.Transform]:

@@ -52,11 +52,6 @@ class Dist:
         """Rank 0: the process that writes logs, checkpoints and reports."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Wait for every process (no-op alone)."""
-        if self.enabled:
-            dist.barrier()
-
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all processes, in place; every rank gets the same result."""
         if self.enabled:

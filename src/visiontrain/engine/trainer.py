@@ -138,6 +138,9 @@ class Trainer:
         self._group_bad = torch.zeros((), dtype=torch.bool, device=device)
         self._group_batches: list[tuple[int, int]] = []
         self.amp_skipped = 0
+        # GradScaler's scale after the last update, as a number: reading it costs a host
+        # sync, so it is read once per update and remembered for the next comparison.
+        self._amp_scale: float | None = None
         self._fit_start = time.perf_counter()
 
     # ------------------------------------------------------------------ public API
@@ -361,11 +364,12 @@ class Trainer:
         if tcfg.grad_clip_value:
             nn.utils.clip_grad_value_(self.params, tcfg.grad_clip_value)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        if scaler.is_enabled() and self._amp_scale is None:
+            self._amp_scale = scaler.get_scale()  # first update, or after a reset
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if scale_before is not None and scaler.get_scale() < scale_before:
+        if scaler.is_enabled() and self._scale_dropped(scaler):
             # GradScaler found inf/NaN gradients (fp16 overflow) and skipped the step; it
             # lowered its scale and the next step retries. Not an update.
             self.amp_skipped += 1
@@ -375,6 +379,12 @@ class Trainer:
         if self.schedule.interval == "step":
             self.schedule.scheduler.step()
         self.global_step += 1
+
+    def _scale_dropped(self, scaler: torch.amp.GradScaler) -> bool:
+        """Whether the last ``scaler.update()`` lowered the scale (it skipped the step)."""
+        before = self._amp_scale
+        self._amp_scale = scaler.get_scale()
+        return before is not None and self._amp_scale < before
 
     def _finite_update(self, batches: list[tuple[int, int]]) -> bool:
         """Whether this update may step; otherwise drop it (skip) or roll back.
@@ -394,6 +404,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.precision.scaler.is_enabled():
             self.precision.scaler.update()  # closes this step's unscale_ bookkeeping
+            self._amp_scale = None  # the update may have lowered it: read it afresh
         self.console(
             f"step {self.global_step + 1} (epoch {self.epoch + 1}): non-finite loss or "
             f"gradients; update skipped ({self.nan.in_a_row} in a row, {self.nan.skips} in all)"
@@ -685,6 +696,7 @@ class Trainer:
         if self.schedule.scheduler is not None and state.get("scheduler") is not None:
             self.schedule.scheduler.load_state_dict(state["scheduler"])
         self.precision.scaler.load_state_dict(state["scaler"])
+        self._amp_scale = None
         for cb in self.callbacks:
             cb.load_state_dict(state["callbacks"].get(cb.name, {}))
         counters = state["counters"]
