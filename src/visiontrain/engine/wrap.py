@@ -186,7 +186,3 @@ class TrainModel:
             step()
         else:
             self.compile_state = "on"
-
-    def modules(self) -> Iterator[nn.Module]:
-        """The underlying modules (for train/eval mode switches)."""
-        yield self.eager
