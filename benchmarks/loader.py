@@ -70,7 +70,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from common import private_cache
-from visiontrain.engine.build import set_cpu_threads
+from visiontrain.data.workers import set_cpu_threads
 
 DEFAULTS: dict[str, Any] = {
     "images": 2000,
@@ -289,8 +289,8 @@ class VisiontrainFolder(Contender):
         from visiontrain.config import build_config
         from visiontrain.data import build_data
         from visiontrain.data.device_augment import DeviceAugment
+        from visiontrain.data.pipeline import build_loaders
         from visiontrain.data.transforms import Normalizer
-        from visiontrain.engine.build import build_loaders
 
         self.name = f"visiontrain {cache}" + (" + augment_on=device" if on_device else "")
         cfg = build_config(

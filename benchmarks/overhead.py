@@ -98,8 +98,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import private_cache
+from visiontrain.api import build_trainer
 from visiontrain.config import build_config
-from visiontrain.engine.build import build_trainer
 from visiontrain.engine.trainer import Trainer
 from visiontrain.models import create_model
 from visiontrain.tracking.progress import ProgressPrinter

@@ -67,10 +67,11 @@ from rich.console import Console
 from torch import nn
 
 from common import private_cache
+from visiontrain.api import build_trainer
 from visiontrain.config import Config, load_config
 from visiontrain.data import DataBundle, build_data
+from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.transforms import Normalizer
-from visiontrain.engine.build import build_loaders, build_trainer
 from visiontrain.engine.callbacks import Callback
 from visiontrain.engine.trainer import Trainer
 

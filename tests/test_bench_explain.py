@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import TINY
-from visiontrain.explain import INIT_DEPTH, explain_init, explain_norm
+from visiontrain.tools.explain import INIT_DEPTH, explain_init, explain_norm
 
 
 @pytest.fixture

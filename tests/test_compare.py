@@ -12,8 +12,8 @@ import pytest
 
 from conftest import TINY
 from visiontrain.cli import main
-from visiontrain.compare import RunSummary, build_comparison, render_markdown, render_tables
 from visiontrain.errors import UserError
+from visiontrain.tools.compare import RunSummary, build_comparison, render_markdown, render_tables
 
 CLASSES = ["ok", "defect"]
 PER_CLASS_METRICS = ["precision", "recall", "f1", "support"]

@@ -13,7 +13,7 @@ from test_resume import _metrics, _weights, assert_same_weights
 from visiontrain.config import load_config
 from visiontrain.data import build_data
 from visiontrain.data.device_augment import DeviceAugment, check_augment_on
-from visiontrain.engine.build import build_loaders
+from visiontrain.data.pipeline import build_loaders
 from visiontrain.errors import ConfigError
 
 

@@ -18,10 +18,10 @@ from torch import nn
 from conftest import TINY, TINY_ANY
 from visiontrain import doctor
 from visiontrain.config import Config, build_config
-from visiontrain.doctor import Finding, run_doctor
-from visiontrain.engine.build import Parts, build_parts
+from visiontrain.engine.parts import Parts, build_parts
 from visiontrain.errors import DataError
 from visiontrain.models import register_model
+from visiontrain.tools.doctor import Finding, run_doctor
 
 
 class _DeepMLP(nn.Module):

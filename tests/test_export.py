@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import TINY
 from visiontrain.cli import main
-from visiontrain.inference import load_runner
+from visiontrain.export.artifact import load_runner
 
 SEG = [
     "task=segmentation",
@@ -266,8 +266,7 @@ def test_detection_artifact_predicts_the_checkpoints_boxes(
 
 
 def test_detection_postprocess_is_public(det_export):
-    from visiontrain.export import detection_postprocess
-    from visiontrain.inference import exported_outputs, load_exported
+    from visiontrain.export.artifact import detection_postprocess, exported_outputs, load_exported
 
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     run = load_runner(det_export / "model.onnx")

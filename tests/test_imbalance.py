@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score, f1_score
 from conftest import TINY
 from visiontrain.data.loaders import EpochBatchSampler, sample_weights
 from visiontrain.engine.checkpoint import load_checkpoint
-from visiontrain.thresholds import average_precision, choose_threshold
+from visiontrain.tasks.thresholds import average_precision, choose_threshold
 
 
 def _scores(seed=0, n=400):
@@ -142,7 +142,8 @@ def test_threshold_chosen_on_val_applied_to_test_and_saved(threshold_run):
 def test_predict_applies_the_saved_threshold(threshold_run, tmp_path, cli):
     from PIL import Image
 
-    from visiontrain.inference import load_trained, predict_outputs
+    from visiontrain.engine.restore import load_trained
+    from visiontrain.predict import predict_outputs
 
     g = np.random.default_rng(0)
     paths = []

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from conftest import TINY
 from test_resume import assert_same_weights
+from visiontrain.api import build_trainer, fit_and_summarise
 from visiontrain.config import load_config
-from visiontrain.engine.build import build_trainer, fit_and_summarise
 from visiontrain.engine.callbacks import Callback
 from visiontrain.engine.checkpoint import load_checkpoint
 

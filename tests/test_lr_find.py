@@ -13,10 +13,10 @@ from rich.console import Console
 
 from conftest import TINY
 from visiontrain.config import build_config
-from visiontrain.engine.build import build_parts
 from visiontrain.engine.checkpoint import load_checkpoint
-from visiontrain.engine.lr_find import find_lr, range_test, run_on_parts, suggest
-from visiontrain.engine.seed import capture_rng
+from visiontrain.engine.parts import build_parts
+from visiontrain.seed import capture_rng
+from visiontrain.tools.lr_find import find_lr, range_test, run_on_parts, suggest
 
 # 0.5*A*(w - W0)^2: plain GD contracts the error by |1 - lr*A| per step, so lr = 1/A = 0.1
 # solves it in one step and any lr above 2/A = 0.2 diverges.

@@ -11,7 +11,7 @@ from conftest import TINY
 from visiontrain.config import build_config
 from visiontrain.data import build_data
 from visiontrain.engine.checkpoint import load_checkpoint
-from visiontrain.inference import load_trained
+from visiontrain.engine.restore import load_trained
 
 
 @pytest.fixture(scope="module")

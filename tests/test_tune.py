@@ -108,7 +108,7 @@ def test_killed_worker_trial_is_failed_and_the_study_completes(cli, tmp_path, mo
     proc.wait()
     assert _study(folder).trials[0].state == optuna.trial.TrialState.RUNNING
 
-    import visiontrain.tune as tune
+    import visiontrain.tools.tune as tune
 
     # The dead worker's heartbeat goes stale after the grace period (short for the test).
     monkeypatch.setattr(tune, "HEARTBEAT_GRACE_S", 1)

@@ -1,3 +1,5 @@
 """visiontrain: train vision models fast, correctly and reproducibly."""
 
-__version__ = "0.1.0"
+from visiontrain.version import __version__
+
+__all__ = ["__version__"]

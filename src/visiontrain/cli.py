@@ -15,8 +15,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from visiontrain import __version__
-from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -27,6 +25,8 @@ from visiontrain.errors import (
     UserError,
     clean_message,
 )
+from visiontrain.tasks.metrics import HEADLINE_ORDER
+from visiontrain.version import __version__
 
 EPILOG = (
     "Config keys are dotted on the command line: optim.lr=3e-4 train.epochs=20 "
@@ -61,8 +61,8 @@ def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     """Train a model; the last line printed is the run directory."""
+    from visiontrain.api import build_trainer, fit_and_summarise
     from visiontrain.config import load_config, split_items
-    from visiontrain.engine.build import build_trainer, fit_and_summarise
     from visiontrain.engine.distributed import distributed_session
     from visiontrain.engine.signals import graceful_stop
 
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             "Run `visiontrain tune` with them, or drop them."
         )
     if args.from_file:
-        from visiontrain.tune import config_from_best
+        from visiontrain.tools.tune import config_from_best
 
         cfg = config_from_best(path, overrides, args.from_file)
     else:
@@ -107,10 +107,10 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """Evaluate a checkpoint on a split of its data."""
     from visiontrain.data import build_data
-    from visiontrain.engine.build import build_loaders
+    from visiontrain.data.pipeline import build_loaders
     from visiontrain.engine.precision import Precision
     from visiontrain.engine.trainer import to_device
-    from visiontrain.inference import load_trained
+    from visiontrain.predict import load_trained
     from visiontrain.tasks import build_task
 
     loaded = load_trained(args.target, args.overrides)
@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     """Predict classes, values, boxes or masks for image files or folders."""
     from visiontrain.data.images import IMAGE_EXTENSIONS
-    from visiontrain.inference import load_for_predict, predict_files
+    from visiontrain.predict import load_for_predict, predict_files
 
     paths: list[Path] = []
     for item in args.images:
@@ -350,28 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="predictions", help="folder for masks and drawn images (predictions/)"
     )
     p.set_defaults(func=cmd_predict)
-    from visiontrain.compare import add_parser as add_compare_parser
+    from visiontrain.tools.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
-    from visiontrain.tune import add_parser as add_tune_parser
+    from visiontrain.tools.tune import add_parser as add_tune_parser
 
     add_tune_parser(sub)
-    from visiontrain.engine.lr_find import add_parser as add_lr_find_parser
+    from visiontrain.tools.lr_find import add_parser as add_lr_find_parser
 
     add_lr_find_parser(sub)
-    from visiontrain.doctor import add_parser as add_doctor_parser
+    from visiontrain.tools.doctor import add_parser as add_doctor_parser
 
     add_doctor_parser(sub)
-    from visiontrain.bench import add_parser as add_bench_parser
+    from visiontrain.tools.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
-    from visiontrain.explain import add_parser as add_explain_parser
+    from visiontrain.tools.explain import add_parser as add_explain_parser
 
     add_explain_parser(sub)
     from visiontrain.report import add_parser as add_report_parser
 
     add_report_parser(sub)
-    from visiontrain.export import add_parser as add_export_parser
+    from visiontrain.export.writer import add_parser as add_export_parser
 
     add_export_parser(sub)
     return parser

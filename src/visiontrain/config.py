@@ -51,7 +51,7 @@ class DataConfig(_Section):
     root: str | None = None
     image_size: int | None = Field(None, ge=8, le=4096)
     batch_size: int = Field(64, ge=1, le=65536)
-    # `auto`: a short loader measurement at build time picks the count (visiontrain.bench).
+    # `auto`: a short loader measurement at build time picks the count (visiontrain.tools.bench).
     num_workers: int | Literal["auto"] = 0
     pin_memory: bool | None = None
     prefetch_factor: int = Field(2, ge=1, le=64)

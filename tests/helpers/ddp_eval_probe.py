@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from visiontrain.api import build_trainer
 from visiontrain.config import build_config
-from visiontrain.engine.build import build_trainer
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.distributed import distributed_session
 

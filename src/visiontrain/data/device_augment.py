@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from visiontrain.data.transforms import jitter_colour
-from visiontrain.engine.seed import sample_seed
 from visiontrain.errors import ConfigError
+from visiontrain.seed import sample_seed
 
 JITTER = 0.3
 SCALE = (0.25, 1.0)

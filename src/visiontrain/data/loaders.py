@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import DataBundle, Split, Target
 from visiontrain.data.transforms import PairTransform, build_pair_transform, build_transform
-from visiontrain.engine.seed import sample_seed, worker_init
 from visiontrain.errors import ConfigError, DataError, RunError, clean_message
+from visiontrain.seed import sample_seed, worker_init
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -292,7 +292,7 @@ def build_loader(
         # `auto` is measured by engine.build.build_loaders, which builds through here.
         raise ConfigError(
             "data.num_workers=auto must be resolved before a loader is built; build loaders "
-            "with visiontrain.engine.build.build_loaders, or pass an integer."
+            "with visiontrain.api.build_loaders, or pass an integer."
         )
     return EpochLoader(
         dataset,

@@ -18,10 +18,10 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
-from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.config import Config
 from visiontrain.data.device_augment import DeviceAugment
 from visiontrain.data.loaders import LoaderFaultError, worker_fault
+from visiontrain.data.pipeline import Loaders
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
@@ -30,7 +30,6 @@ from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
-from visiontrain.engine.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.engine.signals import StopFlag
 from visiontrain.engine.wrap import TrainModel
 from visiontrain.errors import (
@@ -40,16 +39,9 @@ from visiontrain.errors import (
     Interrupted,
     RunError,
 )
+from visiontrain.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.tasks.base import Task
-
-
-@dataclass
-class Loaders:
-    """The three loaders of a run (test may be absent)."""
-
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader | None
+from visiontrain.tasks.metrics import HEADLINE_ORDER
 
 
 @dataclass

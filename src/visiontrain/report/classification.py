@@ -89,7 +89,7 @@ def _pr_points(ctx: ReportContext) -> tuple[list[float], list[float], str] | Non
     if samples is None or len(samples.names) != 2:
         return None
     from visiontrain.tasks.classification import probabilities
-    from visiontrain.thresholds import pr_curve
+    from visiontrain.tasks.thresholds import pr_curve
 
     probs = probabilities(
         torch.stack(samples.outputs), samples.task_state.get("activation", "softmax")

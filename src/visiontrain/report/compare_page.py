@@ -9,6 +9,9 @@ from typing import Any
 from visiontrain.report.figures import Plot
 from visiontrain.report.html import figures_section, page, section
 
+# A formatted table: its title, the label columns, and rows of cells.
+Table = tuple[str, list[str], list[list[str]]]
+
 
 def _table(labels: list[str], runs: list[str], rows: list[list[str]]) -> str:
     """A comparison table; cells are already formatted ("value (delta)")."""
@@ -25,15 +28,16 @@ def _table(labels: list[str], runs: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_comparison_page(comparison: dict[str, Any], plots: Sequence[Plot]) -> str:
+def render_comparison_page(
+    comparison: dict[str, Any], tables: Sequence[Table], plots: Sequence[Plot]
+) -> str:
     """The comparison as a self-contained page.
 
     Args:
-        comparison: The dict of :func:`visiontrain.compare.build_comparison`.
+        comparison: The dict of ``visiontrain compare``'s ``build_comparison``.
+        tables: ``(title, label columns, formatted rows)`` per table, as the terminal shows.
         plots: The overlaid val curves of the runs.
     """
-    from visiontrain.compare import _sections
-
     runs = [r["name"] for r in comparison["runs"]]
     listing = "".join(
         f"<li><b>{escape(r['name'])}</b>{' (baseline)' if i == 0 else ''}: "
@@ -44,7 +48,7 @@ def render_comparison_page(comparison: dict[str, Any], plots: Sequence[Plot]) ->
     if len(runs) > 1:
         intro += "<p>Other runs show value (delta vs the baseline).</p>"
     body = section("Runs", intro) + "".join(
-        section(title, _table(labels, runs, rows)) for title, labels, rows in _sections(comparison)
+        section(title, _table(labels, runs, rows)) for title, labels, rows in tables
     )
     body += figures_section("Validation curves", plots)
     subtitle = f"{len(runs)} runs on {comparison['split']}"

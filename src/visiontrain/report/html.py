@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
-from visiontrain import __version__
 from visiontrain.report.figures import Plot
+from visiontrain.version import __version__
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from visiontrain.compare import HEADLINE_ORDER, NOT_HEADLINE
 from visiontrain.report.figures import Plot
 from visiontrain.report.html import (
     definition_list,
@@ -16,6 +15,7 @@ from visiontrain.report.html import (
     table,
 )
 from visiontrain.report.rundata import RunData, is_number
+from visiontrain.tasks.metrics import HEADLINE_ORDER, NOT_HEADLINE
 
 SPLITS = ("val", "test")
 

@@ -218,3 +218,18 @@ def load_run(path: str | Path) -> RunData:
     if not records:
         data.notes.append(f"{METRICS_FILE} is missing or empty: no training curves.")
     return data
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished run's summary as read from disk.
+
+    Attributes:
+        name: Column header for the run (its directory name, made unique).
+        path: The run directory (the folder that holds ``summary.json``).
+        summary: The parsed contents of ``summary.json``.
+    """
+
+    name: str
+    path: Path
+    summary: dict[str, Any]

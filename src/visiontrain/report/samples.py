@@ -60,8 +60,8 @@ def collect_samples(run: RunData, limit: int) -> Samples:
         UserError: No best checkpoint, or the data cannot be built (moved, deleted).
     """
     from visiontrain.data import build_data
-    from visiontrain.engine.build import build_loaders
-    from visiontrain.inference import load_trained
+    from visiontrain.data.pipeline import build_loaders
+    from visiontrain.predict import load_trained
     from visiontrain.tasks.base import task_class
 
     if not run.best_checkpoint.is_file():

@@ -8,17 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visiontrain.io import atomic_write, atomic_write_text
+from visiontrain.report.compare_page import Table, render_comparison_page
 from visiontrain.report.curves import comparison_curves, training_curves
 from visiontrain.report.figures import Plot
 from visiontrain.report.page import render_run_page
-from visiontrain.report.rundata import RunData, load_run
+from visiontrain.report.rundata import RunData, RunSummary, load_run
 from visiontrain.report.sections import ReportContext, task_plots
 from visiontrain.tracking.jsonl import read_records
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from visiontrain.compare import RunSummary
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -55,23 +54,22 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
 
 
 def write_comparison_html(
-    comparison: dict[str, Any], summaries: Sequence[RunSummary], out: Path
+    comparison: dict[str, Any], tables: Sequence[Table], summaries: Sequence[RunSummary], out: Path
 ) -> Path:
     """Write the comparison tables and the runs' overlaid val curves as one HTML page.
 
     Args:
-        comparison: The dict of :func:`visiontrain.compare.build_comparison`.
+        comparison: The dict of ``visiontrain compare``'s ``build_comparison``.
+        tables: The formatted tables (title, label columns, rows).
         summaries: The compared runs, in the comparison's order.
         out: The HTML file to write.
 
     Returns:
         ``out``.
     """
-    from visiontrain.report.compare_page import render_comparison_page
-
     runs = [
         RunData(s.path, {}, s.summary, read_records(s.path / "metrics.jsonl")) for s in summaries
     ]
     plots = comparison_curves(runs, [s.name for s in summaries])
-    atomic_write_text(out, render_comparison_page(comparison, plots))
+    atomic_write_text(out, render_comparison_page(comparison, tables, plots))
     return out

@@ -25,7 +25,7 @@ from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
-from visiontrain.thresholds import average_precision, choose_threshold, pr_curve
+from visiontrain.tasks.thresholds import average_precision, choose_threshold, pr_curve
 
 # At most this many points of the PR curve go into summary.json.
 PR_POINTS = 200

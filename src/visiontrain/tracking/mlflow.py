@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visiontrain import __version__
 from visiontrain.config import Config, all_keys
 from visiontrain.engine.callbacks import Callback
 from visiontrain.errors import ConfigError
+from visiontrain.version import __version__
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric

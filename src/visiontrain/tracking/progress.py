@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from visiontrain.compare import HEADLINE_ORDER
 from visiontrain.engine.callbacks import Callback
+from visiontrain.tasks.metrics import HEADLINE_ORDER
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer

@@ -176,7 +176,7 @@ def _check_space(search: Search) -> str:
     A bound that the schema refuses (``optim.lr`` above 10) or a choice that does not build
     (an unknown ``loss.name``) would fail every trial that draws it; failing here names it.
     """
-    from visiontrain.engine.build import build_trainer
+    from visiontrain.api import build_trainer
 
     quiet = Console(quiet=True)
     corner = {k: next(iter(spec.values()))[0] for k, spec in search.space.items()}
@@ -424,7 +424,7 @@ def run_trial(search: Search, trial: optuna.Trial, stop_flag: StopFlag) -> float
         TrialFailedError: the run failed at run time or never produced a finite score.
 
     """
-    from visiontrain.engine.build import build_trainer, fit_and_summarise
+    from visiontrain.api import build_trainer, fit_and_summarise
 
     target = search.cfg.tune.trials
     # Trial numbers are handed out in order by the database, so counting the trials before

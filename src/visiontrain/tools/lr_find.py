@@ -38,13 +38,13 @@ from visiontrain.config import Config
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
-from visiontrain.engine.seed import capture_rng, restore_rng
 from visiontrain.engine.trainer import to_device
 from visiontrain.errors import EXIT_OK, DataError, UserError
 from visiontrain.io import atomic_write, atomic_write_json
+from visiontrain.seed import capture_rng, restore_rng
 
 if TYPE_CHECKING:  # build.py imports this module for `optim.lr=find`
-    from visiontrain.engine.build import Parts
+    from visiontrain.engine.parts import Parts
 
 DEFAULT_START = 1e-7
 DEFAULT_END = 10.0
@@ -303,7 +303,7 @@ def run_on_parts(
 
     Args:
         cfg: The resolved config (train options: precision, accumulation, clipping).
-        parts: Built by :func:`visiontrain.engine.build.build_parts`.
+        parts: Built by :func:`visiontrain.api.build_parts`.
         optimizer: The optimizer to drive (its LRs are overwritten during the test).
         start: First LR.
         end: Last LR.
@@ -312,7 +312,7 @@ def run_on_parts(
     Returns:
         The result, with ``config`` set to ``cfg``.
     """
-    from visiontrain.engine.build import build_loaders  # build.py imports this module
+    from visiontrain.data.pipeline import build_loaders
 
     check_sweep(start, end, steps)
     model = parts.model
@@ -356,7 +356,7 @@ def find_lr(
     Returns:
         The result; the global RNG states are as they were before the call.
     """
-    from visiontrain.engine.build import build_parts  # build.py imports this module
+    from visiontrain.engine.parts import build_parts
 
     check_sweep(start, end, steps)
     # build_parts seeds every RNG from train.seed; the caller's streams come back after.
@@ -384,7 +384,7 @@ def resolve_lr_find(cfg: Config, parts: Parts, console: Console) -> LRFindResult
     Returns:
         The test's result (for ``lr_find.json``/``lr_find.png`` in the run directory).
     """
-    from visiontrain.engine.build import buildable_optim  # build.py imports this module
+    from visiontrain.engine.parts import buildable_optim
 
     console.print(
         f"optim.lr=find: LR range test, {DEFAULT_STEPS} updates from {DEFAULT_START:g} "
@@ -453,7 +453,7 @@ def write_lr_find(result: LRFindResult, folder: Path) -> None:
 
 def output_dir(cfg: Config) -> Path:
     """``run.dir/run.name``, or ``run.dir/lr-find-<task>-<data>-<timestamp>``."""
-    from visiontrain.engine.build import tool_dir
+    from visiontrain.rundir import tool_dir
 
     return tool_dir(cfg, f"lr-find-{cfg.task}")
 

@@ -36,10 +36,11 @@ from torch import nn
 
 from visiontrain.config import Config
 from visiontrain.data.loaders import AugmentedDataset, collate
+from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.sources import FileSplit, Split, SubsetSplit
 from visiontrain.data.transforms import Normalizer
-from visiontrain.engine.build import Parts, build_loaders, build_parts, buildable_optim
 from visiontrain.engine.optim import build_optimizer
+from visiontrain.engine.parts import Parts, build_parts, buildable_optim
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.trainer import to_device
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, ConfigError, DataError, did_you_mean
@@ -794,7 +795,7 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, Any]]:
 @register_check("train.learning_rate")
 def check_learning_rate(ctx: DoctorContext) -> list[Finding]:
     """A short LR range test on a copy; the configured LR against divergence and suggestion."""
-    from visiontrain.engine.lr_find import run_on_parts
+    from visiontrain.tools.lr_find import run_on_parts
 
     name = "train.learning_rate"
     model = ctx.model_copy()
@@ -1147,7 +1148,7 @@ def run_doctor(
 
 def output_dir(cfg: Config) -> Path:
     """``run.dir/run.name``, or ``run.dir/doctor-<task>-<data>-<timestamp>``."""
-    from visiontrain.engine.build import tool_dir
+    from visiontrain.rundir import tool_dir
 
     return tool_dir(cfg, f"doctor-{cfg.task}")
 

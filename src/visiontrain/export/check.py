@@ -1,4 +1,4 @@
-"""The fresh-process check of an exported model: ``python -m visiontrain.export_check``.
+"""The fresh-process check of an exported model: ``python -m visiontrain.export.check``.
 
 ``visiontrain export`` runs this module in a new Python process, so that the artifact is
 proven to load from its file alone, through the same loader ``predict`` uses (nothing
@@ -166,9 +166,9 @@ def latency(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Check an artifact against the eager outputs; see the module docstring."""
-    from visiontrain.inference import load_runner
+    from visiontrain.export.artifact import load_runner
 
-    p = argparse.ArgumentParser(prog="python -m visiontrain.export_check")
+    p = argparse.ArgumentParser(prog="python -m visiontrain.export.check")
     p.add_argument("artifact")
     p.add_argument("--inputs", required=True, help="torch file: uint8 NCHW images")
     p.add_argument("--expected", required=True, help="torch file: the eager outputs")
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected = torch.load(args.expected, weights_only=True)
         post = None
         if args.detection:
-            from visiontrain.export import DetectionPost
+            from visiontrain.export.artifact import DetectionPost
 
             spec = json.loads(Path(args.detection).read_text())
             post = DetectionPost.from_folder(spec, Path(args.artifact).parent)

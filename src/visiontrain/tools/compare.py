@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,50 +26,21 @@ from rich.console import Console
 from rich.table import Table
 
 from visiontrain.errors import EXIT_OK, UserError
+from visiontrain.report.rundata import RunSummary
+from visiontrain.tasks.metrics import (
+    HEADLINE_ORDER,
+    NOT_HEADLINE,
+    PER_CLASS_ORDER,
+    PER_TARGET_ORDER,
+)
 
 SPLITS = ("test", "val")
 SUMMARY_FILE = "summary.json"
 MISSING = "—"
 
-# Headline metrics shown first, in this order, when present; the rest follow alphabetically.
-HEADLINE_ORDER = (
-    "loss",
-    "accuracy",
-    "macro_f1",
-    "average_precision",
-    "threshold",
-    "mae",
-    "rmse",
-    "r2",
-    "map",
-    "map_50",
-    "map_75",
-    "miou",
-    "dice",
-    "pixel_accuracy",
-)
-# Scalar entries of a split's metrics that are not metrics of the model.
-NOT_HEADLINE = frozenset({"samples"})
-PER_CLASS_ORDER = ("precision", "recall", "f1", "support")
-PER_TARGET_ORDER = ("mae", "rmse", "r2")
 
 Number = int | float
 Row = dict[str, list[Any]]  # {"values": [...], "deltas": [...]}
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """A finished run's summary as read from disk.
-
-    Attributes:
-        name: Column header for the run (its directory name, made unique).
-        path: The run directory (the folder that holds ``summary.json``).
-        summary: The parsed contents of ``summary.json``.
-    """
-
-    name: str
-    path: Path
-    summary: dict[str, Any]
 
 
 def _is_number(value: Any) -> bool:
@@ -403,7 +373,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     if args.html:
         from visiontrain.report.write import write_comparison_html
 
-        out = write_comparison_html(comparison, summaries, Path(args.html))
+        out = write_comparison_html(comparison, _sections(comparison), summaries, Path(args.html))
         # stderr: stdout may be redirected into a markdown or JSON file.
         Console(stderr=True, highlight=False).print(f"HTML comparison written to {out}")
     if args.format == "json":

@@ -11,7 +11,7 @@ head's raw tensors, and the data-dependent post-processing (score filter, NMS) r
 Python with the anchors and parameters stored beside the artifact (:class:`DetectionPost`).
 
 Nothing is declared done before a fresh Python process has loaded the file and matched
-the eager model on real validation images (:mod:`visiontrain.export_check`).
+the eager model on real validation images (:mod:`visiontrain.export.check`).
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from visiontrain.engine.restore import Loaded, load_trained, resolve_checkpoint
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, UserError
-from visiontrain.inference import (
+from visiontrain.export.artifact import (
     META_FILE,
-    META_FORMAT,
-    Loaded,
+    _merge,
+    describe,
     is_artifact,
-    load_trained,
     read_meta,
-    resolve_checkpoint,
 )
 
 FORMATS = ("pt2", "onnx")
@@ -212,116 +211,6 @@ def detection_spec(
     return spec, anchors.float().contiguous().clone()
 
 
-class DetectionPost:
-    """The post-processing of a detection artifact: raw head outputs to detections.
-
-    Runs torchvision's own ``postprocess_detections`` of the architecture (score filter,
-    top-k per level, box decoding, clipping, batched NMS) with the stored anchors and
-    parameters, so the detections equal the eager model's.
-
-    Args:
-        spec: The ``detection`` entry of ``model.json``.
-        anchors: ``[anchors, 4]`` tensor of one image (``anchors.pt``).
-    """
-
-    def __init__(self, spec: dict[str, Any], anchors: torch.Tensor) -> None:
-        from torchvision.models.detection import FCOS, RetinaNet
-        from torchvision.models.detection import _utils as det_utils
-
-        self.spec = spec
-        self.per_level = [int(n) for n in spec["num_anchors_per_level"]]
-        if anchors.shape != (sum(self.per_level), 4):
-            raise UserError(
-                f"anchors {tuple(anchors.shape)} do not match num_anchors_per_level "
-                f"(total {sum(self.per_level)}); export again."
-            )
-        self.anchors = list(anchors.split(self.per_level))
-        self.image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
-        coder = spec["box_coder"]
-        # postprocess_detections reads only these attributes of the detector.
-        self.box_coder = (
-            det_utils.BoxLinearCoder(normalize_by_size=bool(coder["normalize_by_size"]))
-            if coder["name"] == "BoxLinearCoder"
-            else det_utils.BoxCoder(
-                tuple(coder["weights"]), bbox_xform_clip=float(coder["bbox_xform_clip"])
-            )
-        )
-        self.score_thresh = float(spec["score_thresh"])
-        self.nms_thresh = float(spec["nms_thresh"])
-        self.detections_per_img = int(spec["detections_per_img"])
-        self.topk_candidates = int(spec["topk_candidates"])
-        self._postprocess = {"fcos": FCOS, "retinanet": RetinaNet}[
-            spec["architecture"]
-        ].postprocess_detections
-
-    @classmethod
-    def from_folder(cls, spec: dict[str, Any], folder: Path) -> DetectionPost:
-        """Load ``spec``'s anchors file from ``folder``, checking its sha256.
-
-        Raises:
-            UserError: the anchors file is missing, changed or unreadable.
-        """
-        path = folder / spec["anchors"]["file"]
-        if not path.is_file():
-            raise UserError(
-                f"{path} is missing: a detection artifact needs the anchors file that "
-                "`visiontrain export` writes beside it. Copy it along, or export again."
-            )
-        data = path.read_bytes()
-        want = spec["anchors"].get("sha256")
-        if want and hashlib.sha256(data).hexdigest() != want:
-            raise UserError(f"{path} does not match the sha256 in model.json; export again.")
-        try:
-            anchors = torch.load(path, weights_only=True)
-        except Exception as exc:  # zip and pickle errors alike mean an unusable file
-            raise UserError(f"{path} is not a torch tensor file ({exc}); export again.") from None
-        if not isinstance(anchors, torch.Tensor):
-            raise UserError(f"{path} holds no tensor; export again.")
-        return cls(spec, anchors)
-
-    def __call__(self, outputs: tuple[torch.Tensor, ...]) -> list[dict[str, torch.Tensor]]:
-        """Detections per image from the artifact's outputs (a batch).
-
-        Returns:
-            Per image ``boxes`` float32 [K, 4] (x1 y1 x2 y2, pixels of the fitted square),
-            ``scores`` float32 [K] and ``labels`` int64 [K], 0-based class indices.
-        """
-        named = dict(zip(self.spec["outputs"], outputs, strict=True))
-        n = len(outputs[0])
-        split = {k: list(v.float().split(self.per_level, dim=1)) for k, v in named.items()}
-        with torch.inference_mode():
-            dets = self._postprocess(self, split, [self.anchors] * n, [self.image_size] * n)
-        offset = int(self.spec["label_offset"])
-        return [
-            {
-                "boxes": d["boxes"].float(),
-                "scores": d["scores"].float(),
-                "labels": d["labels"] - offset,
-            }
-            for d in dets
-        ]
-
-
-def detection_postprocess(
-    outputs: tuple[torch.Tensor, ...], model_json: str | Path
-) -> list[dict[str, torch.Tensor]]:
-    """Detections from a detection artifact's outputs, as ``visiontrain predict`` makes them.
-
-    Args:
-        outputs: What the artifact returned for a batch of fitted uint8 images.
-        model_json: The ``model.json`` beside the artifact (``anchors.pt`` next to it).
-
-    Returns:
-        One dict per image: ``boxes`` [K, 4] x1 y1 x2 y2 in the fitted square's pixels,
-        ``scores`` [K], ``labels`` [K] 0-based indices into ``class_names``.
-    """
-    path = Path(model_json)
-    meta = json.loads(path.read_text())
-    if "detection" not in meta:
-        raise UserError(f"{path} does not describe a detection artifact.")
-    return DetectionPost.from_folder(meta["detection"], path.parent)(tuple(outputs))
-
-
 def export_module(loaded: Loaded) -> nn.Module:
     """What is exported for the loaded model, in eval mode (see the module docstring)."""
     if loaded.task == "detection":
@@ -352,7 +241,7 @@ def eager_outputs(module: nn.Module, loaded: Loaded, images: torch.Tensor) -> An
 def check_images(loaded: Loaded, limit: int = CHECK_IMAGES) -> torch.Tensor:
     """Up to ``limit`` validation images, preprocessed as the eval loader does (uint8)."""
     from visiontrain.data import build_data
-    from visiontrain.engine.build import build_loaders
+    from visiontrain.data.pipeline import build_loaders
 
     cfg = loaded.cfg
     bundle = build_data(cfg.data, cfg.task)
@@ -410,90 +299,6 @@ def export_artifact(
         atomic_write(path, lambda fh: fh.write(staged.read_bytes()))
 
 
-def describe(
-    loaded: Loaded,
-    fmt: str,
-    artifact: Path,
-    dynamic: bool,
-    detection: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The ``model.json`` contract: how to feed the artifact and read what it returns."""
-    from visiontrain import __version__
-    from visiontrain.tasks.base import task_class
-
-    norm = loaded.normalizer
-    # The Normalizer keeps scale = 1/(255 std) and shift = -mean/std; undo for the record.
-    std = (1.0 / (norm.scale.flatten() * 255.0)).tolist()
-    mean = (-norm.shift.flatten() * torch.tensor(std)).tolist()
-    whole = task_class(loaded.task).whole_image
-    size = loaded.image_size
-    outputs = {
-        "classification": "output: float32 [N, classes] logits; probabilities by "
-        f"{loaded.task_state.get('activation', 'softmax')}",
-        "regression": "output: float32 [N, targets] values in the targets' own units "
-        "(de-standardised inside)",
-        "segmentation": f"output: float32 [N, classes, {size}, {size}] logits per pixel of the "
-        "fitted square; crop the padding and resize back to the file",
-        "detection": "the detector head's raw outputs, fixed shapes, levels concatenated: "
-        + ", ".join(
-            f"{n}: float32 [{', '.join(map(str, s))}]"
-            for n, s in (detection or {}).get("output_shapes", {}).items()
-        )
-        + "; detections by the Python post-processing described under `detection` "
-        "(visiontrain.export.detection_postprocess)",
-    }
-    return {
-        "format": META_FORMAT,
-        "version": 1,
-        # One entry per artifact in the folder: a pt2 and an onnx export share the rest.
-        "artifacts": {
-            artifact.name: {
-                "format": fmt,
-                "batch": "dynamic" if dynamic else 1,
-                "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
-            }
-        },
-        "task": loaded.task,
-        "class_names": loaded.class_names,
-        "target_names": loaded.target_names,
-        "task_state": loaded.task_state,
-        "input": {
-            "name": "images",
-            "dtype": "uint8",
-            "layout": "NCHW",
-            "channels": loaded.in_channels,
-            "height": size,
-            "width": size,
-            "range": "0..255",
-            "batch": "see artifacts.<file>.batch: 1, or dynamic",
-            "normalisation": "inside the model: (x / 255 - mean) / std",
-        },
-        "preprocessing": {
-            "image_size": size,
-            "channels": loaded.in_channels,
-            "color": "RGB" if loaded.in_channels == 3 else "grayscale",
-            "fit": "fit_square" if whole else "center_crop",
-            "how": (
-                "longer side resized to image_size (aspect kept, antialiased), padded with 0 "
-                "right and bottom to a square"
-                if whole
-                else "shorter side resized to image_size (antialiased), then the centre "
-                "image_size x image_size square"
-            ),
-            "mean": mean,
-            "std": std,
-        },
-        "output": outputs[loaded.task],
-        **({"detection": detection} if detection else {}),
-        "source": {
-            "checkpoint": str(loaded.state.get("_path", "")),
-            "model": loaded.cfg.model.name,
-            "epoch": loaded.state.get("epoch"),
-        },
-        "versions": {"visiontrain": __version__, "torch": torch.__version__},
-    }
-
-
 def fresh_process_check(
     artifact: Path,
     images: torch.Tensor,
@@ -503,7 +308,7 @@ def fresh_process_check(
     latency_runs: int,
     detection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run :mod:`visiontrain.export_check` in a new process; its result dict.
+    """Run :mod:`visiontrain.export.check` in a new process; its result dict.
 
     ``detection`` (the ``model.json`` entry) makes the child post-process the artifact's
     outputs with the anchors file beside it and compare the detections too.
@@ -523,7 +328,7 @@ def fresh_process_check(
         cmd = [
             sys.executable,
             "-m",
-            "visiontrain.export_check",
+            "visiontrain.export.check",
             str(artifact),
             f"--inputs={inputs}",
             f"--expected={refs}",
@@ -546,7 +351,7 @@ def fresh_process_check(
 
 def eager_latency(module: nn.Module, images: torch.Tensor, runs: int) -> dict[str, float]:
     """Median ms per batch of the eager module (detection: the network, as exported)."""
-    from visiontrain.export_check import median_ms
+    from visiontrain.export.check import median_ms
 
     out = {}
     with torch.inference_mode():
@@ -688,28 +493,6 @@ _DETECTION_LIMITS = (
     "fcos_tiny or retinanet model to export, export the checkpoint's backbone yourself, "
     "or predict with the run or checkpoint (docs/export.md)"
 )
-
-
-def _merge(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` plus the entries of other artifacts an existing model.json lists.
-
-    Kept only when they come from the same checkpoint and their files are unchanged, so
-    that model.json never vouches for an artifact of other weights.
-    """
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return meta
-    if old.get("source") != meta["source"]:
-        return meta
-    for name, entry in (old.get("artifacts") or {}).items():
-        file = path.parent / name
-        if name in meta["artifacts"] or not file.is_file():
-            continue
-        if hashlib.sha256(file.read_bytes()).hexdigest() == entry.get("sha256"):
-            meta["artifacts"][name] = entry
-    meta["artifacts"] = dict(sorted(meta["artifacts"].items()))
-    return meta
 
 
 def _run_dir(ckpt: Path) -> Path:

@@ -1,0 +1,120 @@
+"""The parts a run trains with, built from a resolved config before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visiontrain.config import Config, OptimConfig
+from visiontrain.data import build_data
+from visiontrain.data.device_augment import check_augment_on
+from visiontrain.data.loaders import check_sampler
+from visiontrain.data.pipeline import Loaders, build_loaders
+from visiontrain.data.sources import DataBundle
+from visiontrain.data.workers import set_cpu_threads
+from visiontrain.engine.distributed import current
+from visiontrain.engine.optim import build_optimizer
+from visiontrain.engine.wrap import convert_sync_bn, enable_activation_checkpointing
+from visiontrain.errors import ConfigError, did_you_mean
+from visiontrain.models.build import build_model
+from visiontrain.seed import sample_seed, seed_everything, set_deterministic
+from visiontrain.tasks import Task, build_task
+from visiontrain.tasks.base import task_class
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu.")
+    if name == "cuda":
+        # Under torchrun each process owns GPU LOCAL_RANK (set by distributed_session).
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_auto_workers(cfg: Config, bundle: DataBundle, device: torch.device) -> None:
+    """Replace ``data.num_workers=auto`` in ``cfg`` by a measured count; note the choice."""
+    from visiontrain.data.workers import resolve_num_workers
+
+    note = resolve_num_workers(cfg, bundle, device)
+    if note is not None:
+        bundle.notes.append(note)
+
+
+def check_monitor(cfg: Config, task: Task) -> None:
+    """Refuse a ``train.monitor`` the task cannot compute, before any training."""
+    names = task.metric_names()
+    if cfg.train.monitor not in names:
+        tip = did_you_mean(cfg.train.monitor, names)
+        raise ConfigError(
+            f"train.monitor={cfg.train.monitor} is not a validation metric{tip} "
+            f"Choose one of: {', '.join(names)}."
+        )
+
+
+# The range test sets the LR of every group itself, so until `optim.lr=find` is resolved the
+# optimizer (and a --check schedule) are built with this stand-in, which nothing trains with.
+LR_FIND_STAND_IN = 1e-3
+
+
+def buildable_optim(cfg: OptimConfig) -> OptimConfig:
+    """``cfg`` itself, or a copy with the stand-in number while ``lr`` is still ``find``."""
+    if cfg.lr != "find":
+        return cfg
+    return cfg.model_copy(update={"lr": LR_FIND_STAND_IN})
+
+
+@dataclass
+class Parts:
+    """What a run trains with, built from the config before any run directory exists."""
+
+    device: torch.device
+    bundle: DataBundle
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loaders: Loaders
+    notes: list[str]
+
+
+def build_parts(cfg: Config) -> Parts:
+    """Seed, then build data, task, model, optimizer and loaders (no schedule, nothing written).
+
+    Shared by ``train`` and ``lr-find`` so that both see the same initial weights and the
+    same batches for the same config.
+    """
+    set_deterministic(cfg.train.deterministic)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    if cfg.data.num_workers != "auto":
+        set_cpu_threads(device, cfg.data.num_workers)
+    task_class(cfg.task)  # an unknown task is named before any data is read
+    check_sampler(cfg.data, cfg.task)
+    check_augment_on(cfg.data.augment_on, cfg.data.augment, cfg.task)
+    bundle = build_data(cfg.data, cfg.task)
+    if cfg.data.num_workers == "auto":
+        # Resolved once, here: everything after this (threads, loaders, config.yaml, the
+        # checkpoint's config) sees the measured integer.
+        resolve_auto_workers(cfg, bundle, device)
+        set_cpu_threads(device, cfg.data.num_workers)
+    task = build_task(cfg, bundle, device)
+    check_monitor(cfg, task)
+    model = build_model(cfg, bundle, device)
+    notes: list[str] = []
+    dist = current()
+    if cfg.train.sync_bn:
+        model, note = convert_sync_bn(model, dist, device)
+        notes.append(note)
+    if cfg.train.activation_checkpointing:
+        notes.append(enable_activation_checkpointing(model, cfg.model.name))
+    optimizer = build_optimizer(buildable_optim(cfg.optim), model)
+    loaders = build_loaders(cfg, bundle, device)
+    if dist.rank > 0:
+        # Same initial weights on every rank (seeded alike above; DDP broadcasts rank 0's
+        # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
+        seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
+    return Parts(device, bundle, task, model, optimizer, loaders, notes)

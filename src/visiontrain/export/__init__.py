@@ -1,0 +1,1 @@
+"""Export a trained model: pt2 and ONNX writers, the fresh-process check, model.json."""

@@ -1,0 +1,405 @@
+"""The ``model.json`` format of an exported artifact, written and read here only.
+
+An exported artifact (``model.pt2`` / ``model.onnx`` from ``visiontrain export``) takes
+uint8 NCHW images with the normalisation inside; the ``model.json`` beside it says how
+images are fitted, the class names and the task state, so ``predict`` gives the same rows
+as with the checkpoint (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visiontrain.engine.restore import Loaded
+from visiontrain.errors import UserError
+
+ARTIFACT_SUFFIXES = (".pt2", ".onnx")
+
+
+META_FILE = "model.json"
+
+
+META_FORMAT = "visiontrain-export"
+
+
+Runner = Callable[[torch.Tensor], Any]
+
+
+def is_artifact(target: str | Path) -> bool:
+    """Whether ``target`` names an exported model file rather than a run or checkpoint."""
+    return Path(target).suffix.lower() in ARTIFACT_SUFFIXES
+
+
+def load_runner(path: str | Path) -> Runner:
+    """Load an exported artifact; the callable maps a uint8 NCHW batch to its outputs.
+
+    Outputs are CPU tensors, or a tuple of them for several outputs (detection).
+
+    Raises:
+        UserError: the file is missing, truncated or not an artifact of its suffix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"exported model {path} does not exist; run `visiontrain export` first.")
+    fix = "Export it again with `visiontrain export RUN --format " + path.suffix[1:] + "`."
+    if path.suffix.lower() == ".pt2":
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as exc:  # zip, pickle and graph errors all mean an unusable file
+            raise UserError(
+                f"{path} is truncated or not a torch.export archive ({_first_line(exc)}). {fix}"
+            ) from None
+
+        def run_pt2(images: torch.Tensor) -> Any:
+            with torch.inference_mode():
+                return module(images.cpu())
+
+        return run_pt2
+    if path.suffix.lower() == ".onnx":
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+            raise UserError(
+                f"{path} is truncated or not an ONNX model ({_first_line(exc)}). {fix}"
+            ) from None
+        name = session.get_inputs()[0].name
+
+        def run_onnx(images: torch.Tensor) -> Any:
+            outs = [torch.from_numpy(o) for o in session.run(None, {name: images.cpu().numpy()})]
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        return run_onnx
+    raise UserError(f"{path}: exported models end in .pt2 or .onnx.")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def read_meta(artifact: str | Path) -> dict[str, Any]:
+    """The ``model.json`` beside an exported artifact.
+
+    Raises:
+        UserError: it is missing or not a visiontrain export description.
+    """
+    path = Path(artifact).parent / META_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing: an exported model needs the model.json that `visiontrain "
+            f"export` writes beside it (image size, normalisation, class names). Copy it next "
+            f"to {Path(artifact).name}, or export again."
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not readable JSON ({_first_line(exc)}); export again."
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise UserError(f"{path} is not a visiontrain export description (no format entry).")
+    return meta
+
+
+@dataclass
+class Exported:
+    """An exported artifact with its ``model.json``, ready for ``predict``."""
+
+    path: Path
+    meta: dict[str, Any]
+    run: Runner
+    task: str
+    class_names: list[str]
+    target_names: list[str]
+    task_state: dict[str, Any]
+    image_size: int
+    in_channels: int
+    batch: int | None  # the one batch size the artifact takes, None when dynamic
+    # Detection: raw head outputs to detections (visiontrain.export.DetectionPost).
+    postprocess: Callable[[tuple[torch.Tensor, ...]], list[dict[str, torch.Tensor]]] | None = None
+
+
+def load_exported(path: str | Path) -> Exported:
+    """Load an exported artifact and its ``model.json`` (see docs/export.md)."""
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    entry = (meta.get("artifacts") or {}).get(path.name)
+    if entry is None:
+        raise UserError(
+            f"{path.parent / META_FILE} does not describe {path.name} (it lists "
+            f"{', '.join(meta.get('artifacts') or {}) or 'nothing'}); export again into this "
+            "folder, or keep each artifact with its own model.json."
+        )
+    run = load_runner(path)
+    postprocess = None
+    if meta["task"] == "detection":
+        from visiontrain.export.artifact import DetectionPost
+
+        if not isinstance(meta.get("detection"), dict):
+            raise UserError(
+                f"{path.parent / META_FILE} has no `detection` entry (anchors and "
+                "post-processing parameters); export again with this visiontrain."
+            )
+        postprocess = DetectionPost.from_folder(meta["detection"], path.parent)
+    task_state = dict(meta.get("task_state") or {})
+    targets = list(meta.get("target_names") or [])
+    if meta["task"] == "regression":
+        # The artifact de-standardises inside, so the rows need the identity scaling.
+        task_state.update(target_mean=[0.0] * len(targets), target_std=[1.0] * len(targets))
+    return Exported(
+        path,
+        meta,
+        run,
+        meta["task"],
+        list(meta.get("class_names") or []),
+        targets,
+        task_state,
+        int(meta["input"]["height"]),
+        int(meta["input"]["channels"]),
+        entry["batch"] if isinstance(entry["batch"], int) else None,
+        postprocess,
+    )
+
+
+def exported_outputs(exported: Exported, images: torch.Tensor) -> Any:
+    """Run an artifact on a uint8 batch, shaped as the task's ``infer`` returns it.
+
+    A fixed-batch artifact runs image by image. Detection artifacts return the head's raw
+    outputs; the Python post-processing (score filter, NMS) turns them into the task's
+    list of dicts, as the eager detector would.
+    """
+    if exported.postprocess is not None:
+        if exported.batch is None:
+            return exported.postprocess(tuple(exported.run(images)))
+        dets = []
+        for i in range(len(images)):
+            dets.extend(exported.postprocess(tuple(exported.run(images[i : i + 1]))))
+        return dets
+    if exported.batch is None:
+        return exported.run(images).float()
+    return torch.cat([exported.run(images[i : i + 1]).float() for i in range(len(images))])
+
+
+class DetectionPost:
+    """The post-processing of a detection artifact: raw head outputs to detections.
+
+    Runs torchvision's own ``postprocess_detections`` of the architecture (score filter,
+    top-k per level, box decoding, clipping, batched NMS) with the stored anchors and
+    parameters, so the detections equal the eager model's.
+
+    Args:
+        spec: The ``detection`` entry of ``model.json``.
+        anchors: ``[anchors, 4]`` tensor of one image (``anchors.pt``).
+    """
+
+    def __init__(self, spec: dict[str, Any], anchors: torch.Tensor) -> None:
+        from torchvision.models.detection import FCOS, RetinaNet
+        from torchvision.models.detection import _utils as det_utils
+
+        self.spec = spec
+        self.per_level = [int(n) for n in spec["num_anchors_per_level"]]
+        if anchors.shape != (sum(self.per_level), 4):
+            raise UserError(
+                f"anchors {tuple(anchors.shape)} do not match num_anchors_per_level "
+                f"(total {sum(self.per_level)}); export again."
+            )
+        self.anchors = list(anchors.split(self.per_level))
+        self.image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
+        coder = spec["box_coder"]
+        # postprocess_detections reads only these attributes of the detector.
+        self.box_coder = (
+            det_utils.BoxLinearCoder(normalize_by_size=bool(coder["normalize_by_size"]))
+            if coder["name"] == "BoxLinearCoder"
+            else det_utils.BoxCoder(
+                tuple(coder["weights"]), bbox_xform_clip=float(coder["bbox_xform_clip"])
+            )
+        )
+        self.score_thresh = float(spec["score_thresh"])
+        self.nms_thresh = float(spec["nms_thresh"])
+        self.detections_per_img = int(spec["detections_per_img"])
+        self.topk_candidates = int(spec["topk_candidates"])
+        self._postprocess = {"fcos": FCOS, "retinanet": RetinaNet}[
+            spec["architecture"]
+        ].postprocess_detections
+
+    @classmethod
+    def from_folder(cls, spec: dict[str, Any], folder: Path) -> DetectionPost:
+        """Load ``spec``'s anchors file from ``folder``, checking its sha256.
+
+        Raises:
+            UserError: the anchors file is missing, changed or unreadable.
+        """
+        path = folder / spec["anchors"]["file"]
+        if not path.is_file():
+            raise UserError(
+                f"{path} is missing: a detection artifact needs the anchors file that "
+                "`visiontrain export` writes beside it. Copy it along, or export again."
+            )
+        data = path.read_bytes()
+        want = spec["anchors"].get("sha256")
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise UserError(f"{path} does not match the sha256 in model.json; export again.")
+        try:
+            anchors = torch.load(path, weights_only=True)
+        except Exception as exc:  # zip and pickle errors alike mean an unusable file
+            raise UserError(f"{path} is not a torch tensor file ({exc}); export again.") from None
+        if not isinstance(anchors, torch.Tensor):
+            raise UserError(f"{path} holds no tensor; export again.")
+        return cls(spec, anchors)
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...]) -> list[dict[str, torch.Tensor]]:
+        """Detections per image from the artifact's outputs (a batch).
+
+        Returns:
+            Per image ``boxes`` float32 [K, 4] (x1 y1 x2 y2, pixels of the fitted square),
+            ``scores`` float32 [K] and ``labels`` int64 [K], 0-based class indices.
+        """
+        named = dict(zip(self.spec["outputs"], outputs, strict=True))
+        n = len(outputs[0])
+        split = {k: list(v.float().split(self.per_level, dim=1)) for k, v in named.items()}
+        with torch.inference_mode():
+            dets = self._postprocess(self, split, [self.anchors] * n, [self.image_size] * n)
+        offset = int(self.spec["label_offset"])
+        return [
+            {
+                "boxes": d["boxes"].float(),
+                "scores": d["scores"].float(),
+                "labels": d["labels"] - offset,
+            }
+            for d in dets
+        ]
+
+
+def detection_postprocess(
+    outputs: tuple[torch.Tensor, ...], model_json: str | Path
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from a detection artifact's outputs, as ``visiontrain predict`` makes them.
+
+    Args:
+        outputs: What the artifact returned for a batch of fitted uint8 images.
+        model_json: The ``model.json`` beside the artifact (``anchors.pt`` next to it).
+
+    Returns:
+        One dict per image: ``boxes`` [K, 4] x1 y1 x2 y2 in the fitted square's pixels,
+        ``scores`` [K], ``labels`` [K] 0-based indices into ``class_names``.
+    """
+    path = Path(model_json)
+    meta = json.loads(path.read_text())
+    if "detection" not in meta:
+        raise UserError(f"{path} does not describe a detection artifact.")
+    return DetectionPost.from_folder(meta["detection"], path.parent)(tuple(outputs))
+
+
+def describe(
+    loaded: Loaded,
+    fmt: str,
+    artifact: Path,
+    dynamic: bool,
+    detection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``model.json`` contract: how to feed the artifact and read what it returns."""
+    from visiontrain.tasks.base import task_class
+    from visiontrain.version import __version__
+
+    norm = loaded.normalizer
+    # The Normalizer keeps scale = 1/(255 std) and shift = -mean/std; undo for the record.
+    std = (1.0 / (norm.scale.flatten() * 255.0)).tolist()
+    mean = (-norm.shift.flatten() * torch.tensor(std)).tolist()
+    whole = task_class(loaded.task).whole_image
+    size = loaded.image_size
+    outputs = {
+        "classification": "output: float32 [N, classes] logits; probabilities by "
+        f"{loaded.task_state.get('activation', 'softmax')}",
+        "regression": "output: float32 [N, targets] values in the targets' own units "
+        "(de-standardised inside)",
+        "segmentation": f"output: float32 [N, classes, {size}, {size}] logits per pixel of the "
+        "fitted square; crop the padding and resize back to the file",
+        "detection": "the detector head's raw outputs, fixed shapes, levels concatenated: "
+        + ", ".join(
+            f"{n}: float32 [{', '.join(map(str, s))}]"
+            for n, s in (detection or {}).get("output_shapes", {}).items()
+        )
+        + "; detections by the Python post-processing described under `detection` "
+        "(visiontrain.export.detection_postprocess)",
+    }
+    return {
+        "format": META_FORMAT,
+        "version": 1,
+        # One entry per artifact in the folder: a pt2 and an onnx export share the rest.
+        "artifacts": {
+            artifact.name: {
+                "format": fmt,
+                "batch": "dynamic" if dynamic else 1,
+                "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
+            }
+        },
+        "task": loaded.task,
+        "class_names": loaded.class_names,
+        "target_names": loaded.target_names,
+        "task_state": loaded.task_state,
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "channels": loaded.in_channels,
+            "height": size,
+            "width": size,
+            "range": "0..255",
+            "batch": "see artifacts.<file>.batch: 1, or dynamic",
+            "normalisation": "inside the model: (x / 255 - mean) / std",
+        },
+        "preprocessing": {
+            "image_size": size,
+            "channels": loaded.in_channels,
+            "color": "RGB" if loaded.in_channels == 3 else "grayscale",
+            "fit": "fit_square" if whole else "center_crop",
+            "how": (
+                "longer side resized to image_size (aspect kept, antialiased), padded with 0 "
+                "right and bottom to a square"
+                if whole
+                else "shorter side resized to image_size (antialiased), then the centre "
+                "image_size x image_size square"
+            ),
+            "mean": mean,
+            "std": std,
+        },
+        "output": outputs[loaded.task],
+        **({"detection": detection} if detection else {}),
+        "source": {
+            "checkpoint": str(loaded.state.get("_path", "")),
+            "model": loaded.cfg.model.name,
+            "epoch": loaded.state.get("epoch"),
+        },
+        "versions": {"visiontrain": __version__, "torch": torch.__version__},
+    }
+
+
+def _merge(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` plus the entries of other artifacts an existing model.json lists.
+
+    Kept only when they come from the same checkpoint and their files are unchanged, so
+    that model.json never vouches for an artifact of other weights.
+    """
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return meta
+    if old.get("source") != meta["source"]:
+        return meta
+    for name, entry in (old.get("artifacts") or {}).items():
+        file = path.parent / name
+        if name in meta["artifacts"] or not file.is_file():
+            continue
+        if hashlib.sha256(file.read_bytes()).hexdigest() == entry.get("sha256"):
+            meta["artifacts"][name] = entry
+    meta["artifacts"] = dict(sorted(meta["artifacts"].items()))
+    return meta

@@ -1,0 +1,68 @@
+"""Where a run lives and the names of every file in a run directory.
+
+Every module that reads or writes a run file takes its name from here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from visiontrain.config import Config
+from visiontrain.errors import UserError
+
+
+@dataclass
+class RunPlan:
+    """Where a run lives and what it resumes from."""
+
+    run_dir: Path
+    resume_from: Path | None
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Resolve ``run.dir``/``run.name``/``run.resume`` into a folder and a checkpoint."""
+    name = cfg.run.name or f"{cfg.task}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.dir).expanduser() / name
+    resume = cfg.run.resume
+    if resume is None:
+        if cfg.run.name is None:
+            base, n = run_dir, 1
+            while run_dir.exists():
+                run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+        elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+            raise UserError(
+                f"run directory {run_dir} already holds a run. Continue it with "
+                "run.resume=auto, or choose another run.name."
+            )
+        return RunPlan(run_dir, None)
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return RunPlan(run_dir, last if last.is_file() else None)
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(
+            f"run.resume={resume}: no checkpoint at {path}. Pass a .pt file, a run "
+            "directory, or run.resume=auto."
+        )
+    if path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+    return RunPlan(run_dir, path)
+
+
+def tool_dir(cfg: Config, prefix: str) -> Path:
+    """Output folder of a tool verb: ``run.dir/run.name``, else a new timestamped one.
+
+    The default name is ``<prefix>-<data>-<timestamp>``, made unique with a counter.
+    """
+    if cfg.run.name:
+        return Path(cfg.run.dir).expanduser() / cfg.run.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.dir).expanduser() / f"{prefix}-{cfg.data.name}-{stamp}"
+    folder, n = base, 1
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return folder

@@ -1,0 +1,1 @@
+"""Tools over the engine: lr-find, tune, bench, compare, explain, doctor."""
