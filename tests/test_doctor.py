@@ -16,7 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from conftest import TINY, TINY_ANY
-from visiontrain import doctor
+from visiontrain.tools import doctor
 from visiontrain.config import Config, build_config
 from visiontrain.engine.parts import Parts, build_parts
 from visiontrain.errors import DataError
