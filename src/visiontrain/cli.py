@@ -108,8 +108,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """Evaluate a checkpoint on a split of its data."""
     from visiontrain.data import build_data
     from visiontrain.data.pipeline import build_loaders
+    from visiontrain.engine.evaluate import evaluate
     from visiontrain.engine.precision import Precision
-    from visiontrain.engine.trainer import to_device
     from visiontrain.predict import load_trained
     from visiontrain.tasks import build_task
 
@@ -129,21 +129,10 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     loader = build_loaders(cfg, bundle, loaded.device).__dict__[args.split]
     task = build_task(cfg, bundle, loaded.device)
     task.load_state_dict(loaded.state.get("task_state") or {})
-    precision = Precision(cfg.train.precision, loaded.device)
-    import torch
-
     if args.coco_results and task.name != "detection":
         raise UserError(f"--coco-results writes detections; {args.target} is a {task.name} model.")
-    task.reset_metrics()
-    with torch.inference_mode():
-        for batch in loader:
-            if batch["image"] is None:
-                continue
-            x = loaded.normalizer(batch["image"].to(loaded.device))
-            with precision.autocast():
-                out = task.infer(loaded.model, x)
-            task.update_metrics(out, to_device(batch["target"], loaded.device))
-    metrics = task.compute_metrics()
+    precision = Precision(cfg.train.precision, loaded.device)
+    metrics = evaluate(loaded.model, loader, task, loaded.prep, precision)
     if args.coco_results:
         from visiontrain.io import atomic_write_json
 

@@ -26,6 +26,7 @@ from torchvision.ops import (
 
 from visiontrain.config import DEFAULT_LOSS, LossConfig, refuse_unused
 from visiontrain.errors import ConfigError, did_you_mean
+from visiontrain.registry import Registry
 
 # The label of a segmentation pixel that no loss sees (VOC / Cityscapes convention).
 IGNORE_INDEX = 255
@@ -95,7 +96,7 @@ class _Entry:
     uses: frozenset[str]
 
 
-_LOSSES: dict[str, _Entry] = {}
+_LOSSES: Registry[_Entry] = Registry("loss", key="loss.name")
 
 
 def register_loss(
@@ -113,19 +114,12 @@ def register_loss(
         ValueError: ``name`` is already registered.
 
     """
-
-    def deco(fn: LossBuilder) -> LossBuilder:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = _Entry(fn, frozenset(tasks), frozenset(uses))
-        return fn
-
-    return deco
+    return _LOSSES.decorator(name, lambda fn: _Entry(fn, frozenset(tasks), frozenset(uses)))
 
 
 def list_losses(task: str) -> list[str]:
     """Names of the losses that apply to ``task``, sorted."""
-    return sorted(n for n, e in _LOSSES.items() if task in e.tasks)
+    return [n for n, e in _LOSSES.items() if task in e.tasks]
 
 
 def build_loss(cfg: LossConfig, ctx: LossContext) -> Loss:
@@ -138,12 +132,11 @@ def build_loss(cfg: LossConfig, ctx: LossContext) -> Loss:
     """
     name = cfg.name or DEFAULT_LOSS.get(ctx.task, "cross_entropy")
     names = list_losses(ctx.task)
+    if name not in _LOSSES:
+        # Suggest and list only this task's losses: a segmentation loss is no fix for a
+        # misspelt classification one.
+        raise _LOSSES.unknown(name, among=names, tail=f"For task {ctx.task}: {', '.join(names)}.")
     entry = _LOSSES.get(name)
-    if entry is None:
-        tip = did_you_mean(name, names)
-        raise ConfigError(
-            f"unknown loss `loss.name={name}`{tip} For task {ctx.task}: {', '.join(names)}."
-        )
     if ctx.task not in entry.tasks:
         raise ConfigError(
             f"loss `{name}` does not apply to task {ctx.task} (it is for "
@@ -177,7 +170,7 @@ def _refuse_class_options(cfg: LossConfig, name: str, uses: frozenset[str], task
             raise ConfigError(
                 f"`loss.{key}` applies to classes; task regression has none. Remove it."
             )
-        users = [n for n in list_losses(task) if key in _LOSSES[n].uses]
+        users = [n for n in list_losses(task) if key in _LOSSES.get(n).uses]
         raise ConfigError(
             f"`loss.{key}` set, but loss {name} does not use it, so it would be ignored. "
             f"Remove the key, or set `loss.name` to one that uses it: {', '.join(users)}."

@@ -57,7 +57,7 @@ def predict_outputs(
         if isinstance(loaded, Exported):
             out = exported_outputs(loaded, torch.stack(images))
         else:
-            out = task.infer(loaded.model, loaded.normalizer(torch.stack(images).to(loaded.device)))
+            out = task.infer(loaded.model, loaded.prep(torch.stack(images)))
         outputs.extend(task.to_file_frame(out, sizes, size))
     return outputs
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from visiontrain.config import DataConfig, refuse_unused
-from visiontrain.errors import ConfigError, DataError, did_you_mean
+from visiontrain.errors import ConfigError, DataError
+from visiontrain.registry import Registry
 
 # int (classification), float32 row (regression), dict (detection), int64 mask (segmentation)
 Target = int | np.ndarray | dict | torch.Tensor
@@ -258,7 +259,7 @@ class _SourceEntry:
     tasks: frozenset[str]
 
 
-_SOURCES: dict[str, _SourceEntry] = {}
+_SOURCES: Registry[_SourceEntry] = Registry("data source", key="data.name")
 
 
 def register_source(
@@ -275,21 +276,19 @@ def register_source(
         generates: True when the source makes its data, so that ``data.train_size`` and
             friends set how much it makes; for real data they cap a fixed random subset.
         tasks: the tasks the source has targets for.
+
+    Raises:
+        ValueError: ``name`` is already registered.
     """
-
-    def deco(fn: SourceBuilder) -> SourceBuilder:
-        if name in _SOURCES:
-            raise ValueError(f"data source {name!r} is already registered")
-        _SOURCES[name] = _SourceEntry(fn, frozenset(uses), generates, frozenset(tasks))
-        return fn
-
-    return deco
+    return _SOURCES.decorator(
+        name, lambda fn: _SourceEntry(fn, frozenset(uses), generates, frozenset(tasks))
+    )
 
 
 def list_sources() -> list[str]:
     """Registered data-source names."""
     _import_builtin_sources()
-    return sorted(_SOURCES)
+    return _SOURCES.names()
 
 
 def _import_builtin_sources() -> None:
@@ -301,13 +300,8 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
     """Build the data bundle named by ``data.name`` with targets for ``task``."""
     _import_builtin_sources()
     entry = _SOURCES.get(cfg.name)
-    if entry is None:
-        tip = did_you_mean(cfg.name, list(_SOURCES))
-        raise ConfigError(
-            f"unknown data source `data.name={cfg.name}`{tip} Known: {', '.join(sorted(_SOURCES))}."
-        )
     if task not in entry.tasks:
-        fits = sorted(n for n, e in _SOURCES.items() if task in e.tasks)
+        fits = [n for n, e in _SOURCES.items() if task in e.tasks]
         raise ConfigError(
             f"data source {cfg.name} has no targets for task {task} (it serves "
             f"{', '.join(sorted(entry.tasks))}). For task {task} use data.name= one of "

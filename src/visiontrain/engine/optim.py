@@ -16,6 +16,7 @@ from torch import nn
 
 from visiontrain.config import OptimConfig, refuse_unused
 from visiontrain.errors import ConfigError
+from visiontrain.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,18 @@ class _Entry:
     defaults: dict[str, Any]
 
 
-_OPTIMIZERS: dict[str, _Entry] = {}
+_OPTIMIZERS: Registry[_Entry] = Registry("optimizer", key="optim.name")
 
 
 def register_optimizer(
     name: str, uses: tuple[str, ...] = (), **defaults: Any
 ) -> Callable[[Callable[..., torch.optim.Optimizer]], Callable[..., torch.optim.Optimizer]]:
-    """Register ``fn(params, lr, weight_decay, **options)`` under ``name``."""
+    """Register ``fn(params, lr, weight_decay, **options)`` under ``name``.
 
-    def deco(fn: Callable[..., torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
-        if name in _OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r} is already registered")
-        _OPTIMIZERS[name] = _Entry(fn, frozenset(uses), defaults)
-        return fn
-
-    return deco
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    return _OPTIMIZERS.decorator(name, lambda fn: _Entry(fn, frozenset(uses), defaults))
 
 
 def _lamb(params: Any, **kw: Any) -> torch.optim.Optimizer:
@@ -58,7 +56,7 @@ register_optimizer("lamb", ("betas", "eps"))(_lamb)
 
 def list_optimizers() -> list[str]:
     """Registered optimizer names."""
-    return sorted(_OPTIMIZERS)
+    return _OPTIMIZERS.names()
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
@@ -75,12 +73,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Build ``optim.name`` over the model's parameter groups."""
+    """Build ``optim.name`` over the model's parameter groups.
+
+    Raises:
+        ConfigError: the name is unknown, an ``optim.*`` key it ignores is set, or
+            ``optim.nesterov`` is set without momentum.
+    """
     entry = _OPTIMIZERS.get(cfg.name)
-    if entry is None:
-        raise ConfigError(
-            f"unknown optimizer `optim.name={cfg.name}`. Known: {', '.join(list_optimizers())}."
-        )
     refuse_unused(cfg, "optim", entry.uses, f"optimizer {cfg.name}")
     options = dict(entry.defaults)
     for key in entry.uses:

@@ -9,13 +9,16 @@ from torch import nn
 
 from visiontrain.config import Config, OptimConfig
 from visiontrain.data import build_data
-from visiontrain.data.device_augment import check_augment_on
+from visiontrain.data.device_augment import DeviceAugment, check_augment_on
 from visiontrain.data.loaders import check_sampler
 from visiontrain.data.pipeline import Loaders, build_loaders
 from visiontrain.data.sources import DataBundle
-from visiontrain.data.workers import set_cpu_threads
+from visiontrain.data.transforms import Normalizer
+from visiontrain.data.workers import resolve_num_workers, set_cpu_threads
 from visiontrain.engine.distributed import current
 from visiontrain.engine.optim import build_optimizer
+from visiontrain.engine.precision import Precision
+from visiontrain.engine.step import BatchPrep, Step
 from visiontrain.engine.wrap import convert_sync_bn, enable_activation_checkpointing
 from visiontrain.errors import ConfigError, did_you_mean
 from visiontrain.models.build import build_model
@@ -34,15 +37,6 @@ def resolve_device(name: str) -> torch.device:
         # Under torchrun each process owns GPU LOCAL_RANK (set by distributed_session).
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
-
-
-def resolve_auto_workers(cfg: Config, bundle: DataBundle, device: torch.device) -> None:
-    """Replace ``data.num_workers=auto`` in ``cfg`` by a measured count; note the choice."""
-    from visiontrain.data.workers import resolve_num_workers
-
-    note = resolve_num_workers(cfg, bundle, device)
-    if note is not None:
-        bundle.notes.append(note)
 
 
 def check_monitor(cfg: Config, task: Task) -> None:
@@ -99,7 +93,9 @@ def build_parts(cfg: Config) -> Parts:
     if cfg.data.num_workers == "auto":
         # Resolved once, here: everything after this (threads, loaders, config.yaml, the
         # checkpoint's config) sees the measured integer.
-        resolve_auto_workers(cfg, bundle, device)
+        note = resolve_num_workers(cfg, bundle, device)
+        if note is not None:
+            bundle.notes.append(note)
         set_cpu_threads(device, cfg.data.num_workers)
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
@@ -112,9 +108,50 @@ def build_parts(cfg: Config) -> Parts:
     if cfg.train.activation_checkpointing:
         notes.append(enable_activation_checkpointing(model, cfg.model.name))
     optimizer = build_optimizer(buildable_optim(cfg.optim), model)
-    loaders = build_loaders(cfg, bundle, device)
+    loaders = build_loaders(cfg, bundle, device, dist.rank, dist.world_size)
     if dist.rank > 0:
         # Same initial weights on every rank (seeded alike above; DDP broadcasts rank 0's
         # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
         seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
     return Parts(device, bundle, task, model, optimizer, loaders, notes)
+
+
+def build_prep(cfg: Config, bundle: DataBundle, device: torch.device, rank: int = 0) -> BatchPrep:
+    """The run's batch preparation: normalisation, ``channels_last``, device augmentation."""
+    augment = (
+        DeviceAugment(cfg.data.augment, cfg.train.seed, rank)
+        if cfg.data.augment_on == "device"
+        else None
+    )
+    return BatchPrep(device, Normalizer(bundle.mean, bundle.std), cfg.train.channels_last, augment)
+
+
+def build_step(
+    cfg: Config,
+    parts: Parts,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    precision: Precision | None = None,
+) -> Step:
+    """A training step as ``train`` runs it, for tools that train outside the trainer.
+
+    Batch preparation (device augmentation, channels_last), precision and clipping come
+    from ``cfg``; the EMA, the schedule and the NaN policy are the trainer's own.
+
+    Args:
+        cfg: The resolved config.
+        parts: Built by :func:`build_parts`.
+        model: Train this module instead of ``parts.model`` (a tool's copy).
+        optimizer: Step this optimizer instead of ``parts.optimizer``.
+        precision: Run at this precision instead of ``train.precision`` (``bench amp``).
+    """
+    model = model if model is not None else parts.model
+    return Step(
+        model,
+        parts.task,
+        optimizer if optimizer is not None else parts.optimizer,
+        precision if precision is not None else Precision(cfg.train.precision, parts.device),
+        build_prep(cfg, parts.bundle, parts.device),
+        grad_clip_norm=cfg.train.grad_clip_norm,
+        grad_clip_value=cfg.train.grad_clip_value,
+    )

@@ -13,6 +13,7 @@ from visiontrain.config import Config, build_config
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.checkpoint import eval_weights, load_checkpoint
+from visiontrain.engine.step import BatchPrep
 from visiontrain.errors import CheckpointError, UserError
 from visiontrain.models.build import build_model
 
@@ -51,6 +52,11 @@ class Loaded:
     def task_state(self) -> dict[str, Any]:
         """What predictions need besides the outputs (threshold, target scaling)."""
         return dict(self.state.get("task_state") or {})
+
+    @property
+    def prep(self) -> BatchPrep:
+        """The batch preparation of the run's evaluation (normalisation, channels_last)."""
+        return BatchPrep(self.device, self.normalizer, self.cfg.train.channels_last)
 
 
 def load_trained(target: str | Path, overrides: list[str] | None = None) -> Loaded:

@@ -15,6 +15,7 @@ from torch.optim import Optimizer, lr_scheduler
 
 from visiontrain.config import OptimConfig, ScheduleConfig, refuse_unused
 from visiontrain.errors import ConfigError
+from visiontrain.registry import Registry
 
 
 @dataclass
@@ -39,36 +40,32 @@ class Horizon:
 
 
 Builder = Callable[[Optimizer, ScheduleConfig, OptimConfig, Horizon], Schedule]
-_SCHEDULES: dict[str, tuple[Builder, frozenset[str]]] = {}
+_SCHEDULES: Registry[tuple[Builder, frozenset[str]]] = Registry("schedule", key="schedule.name")
 
 
 def register_schedule(name: str, uses: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
-    """Register a schedule builder and the ``schedule.*`` keys it honours."""
+    """Register a schedule builder and the ``schedule.*`` keys it honours.
 
-    def deco(fn: Builder) -> Builder:
-        if name in _SCHEDULES:
-            raise ValueError(f"schedule {name!r} is already registered")
-        _SCHEDULES[name] = (fn, frozenset(uses))
-        return fn
-
-    return deco
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    return _SCHEDULES.decorator(name, lambda fn: (fn, frozenset(uses)))
 
 
 def list_schedules() -> list[str]:
     """Registered schedule names."""
-    return sorted(_SCHEDULES)
+    return _SCHEDULES.names()
 
 
 def build_schedule(
     opt: Optimizer, cfg: ScheduleConfig, optim_cfg: OptimConfig, horizon: Horizon
 ) -> Schedule:
-    """Build ``schedule.name`` for an optimizer over a known horizon."""
-    entry = _SCHEDULES.get(cfg.name)
-    if entry is None:
-        raise ConfigError(
-            f"unknown schedule `schedule.name={cfg.name}`. Known: {', '.join(list_schedules())}."
-        )
-    builder, uses = entry
+    """Build ``schedule.name`` for an optimizer over a known horizon.
+
+    Raises:
+        ConfigError: the name is unknown, or a ``schedule.*`` key it ignores is set.
+    """
+    builder, uses = _SCHEDULES.get(cfg.name)
     refuse_unused(cfg, "schedule", uses, f"schedule {cfg.name}")
     return builder(opt, cfg, optim_cfg, horizon)
 

@@ -27,10 +27,12 @@ from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
 from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.ema import ModelEma
+from visiontrain.engine.evaluate import evaluate
 from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
 from visiontrain.engine.signals import StopFlag
+from visiontrain.engine.step import BatchPrep, Step
 from visiontrain.engine.wrap import TrainModel
 from visiontrain.errors import (
     EXIT_SIGTERM,
@@ -97,13 +99,14 @@ class Trainer:
         self.callbacks = [checkpointer, *callbacks]
         self._console = console
         self.stop_flag = stop_flag if stop_flag is not None else StopFlag()
-        self.normalizer = Normalizer(bundle.mean, bundle.std).to(device)
-        self.device_augment = (
+        self.prep = BatchPrep(
+            device,
+            Normalizer(bundle.mean, bundle.std),
+            cfg.train.channels_last,
             DeviceAugment(cfg.data.augment, cfg.train.seed, self.dist.rank)
             if cfg.data.augment_on == "device"
-            else None
+            else None,
         )
-        self.params = [p for p in model.parameters() if p.requires_grad]
         mode = cfg.train.monitor_mode
         self.monitor_mode = task.monitor_mode(cfg.train.monitor) if mode == "auto" else mode
         # Counters: the checkpoint's notion of "where are we".
@@ -125,14 +128,24 @@ class Trainer:
         self._accum = _TrainAccum(torch.zeros((), device=device))
         t = cfg.train
         self.nan = NanGuard(t.on_nan, t.max_nan_skips, t.max_rollbacks, t.nan_lr_factor)
-        # Whether a micro-batch of the current accumulation group had a non-finite loss,
-        # and which (epoch, batch) pairs the group holds; read at the update.
-        self._group_bad = torch.zeros((), dtype=torch.bool, device=device)
+        # The one implementation of a training update (engine/step.py).
+        self.step = Step(
+            model,
+            task,
+            optimizer,
+            precision,
+            self.prep,
+            train_model=self.train_model,
+            grad_clip_norm=t.grad_clip_norm,
+            grad_clip_value=t.grad_clip_value,
+            ema=ema,
+            schedule=schedule,
+            check_finite=self.nan.checks_every_update,
+            dist=self.dist,
+        )
+        # The (epoch, batch) pairs of the current accumulation group; read at the update.
         self._group_batches: list[tuple[int, int]] = []
         self.amp_skipped = 0
-        # GradScaler's scale after the last update, as a number: reading it costs a host
-        # sync, so it is read once per update and remembered for the next comparison.
-        self._amp_scale: float | None = None
         self._fit_start = time.perf_counter()
 
     # ------------------------------------------------------------------ public API
@@ -246,61 +259,30 @@ class Trainer:
             scale: the micro-batch's share of the update (1 / accumulation group size).
             sync: whether an update follows; DDP all-reduces gradients only then.
         """
-        x = self._prepare(batch["image"], augment=True)
-        y = to_device(batch["target"], self.device)
-        result: dict[str, dict[str, torch.Tensor]] = {}
-
-        def step() -> None:
-            with self.train_model.no_sync(sync):
-                with self.precision.autocast():
-                    out = self.task.forward(self.train_model, x, y)
-                losses = self.task.loss(out, y)
-                self.precision.scaler.scale(losses["loss"] * scale).backward()
-            result["losses"] = losses
-
-        self.train_model.first_step(step, lambda: self.optimizer.zero_grad(set_to_none=True))
-        losses = result["losses"]
-        loss = losses["loss"].detach()
+        losses = self.step.forward_backward(batch, scale, sync, self.epoch, self.batch_in_epoch)
+        loss = losses["loss"]
         acc = self._accum
         if self.nan.checks_every_update:
-            finite = torch.isfinite(loss)
-            self._group_bad |= ~finite
             # A dropped update's loss stays out of the logged mean.
-            loss = torch.where(finite, loss, torch.zeros_like(loss))
+            loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
         acc.interval_loss += loss
         for name, part in losses.items():
             if name != "loss":
                 # Each term of a composite loss (a detector's) is summed on the device too.
-                acc.interval_parts[name] = acc.interval_parts.get(name, 0) + part.detach()
+                acc.interval_parts[name] = acc.interval_parts.get(name, 0) + part
         acc.interval_batches += 1
         acc.interval_samples += len(batch["image"])
 
     def evaluate(self, loader: DataLoader, split: str, emit: bool = True) -> dict[str, Any]:
-        """Metrics of the current weights on one split (eval mode, inference mode)."""
+        """Metrics of the current weights on one split (engine/evaluate.py)."""
         start = time.perf_counter()
         model = self.eval_model
         # DDP keeps parameters equal, but each rank's last forward updated its own BatchNorm
         # statistics: evaluate (and checkpoint) rank 0's, on every rank.
         self.dist.broadcast_module(model, buffers_only=True)
-        model.eval()
-        self.task.reset_metrics()
-        with torch.inference_mode():
-            for batch in loader:
-                if batch["skipped"]:
-                    self.skipped.update(batch["skipped"])
-                if batch["image"] is None:
-                    continue
-                x = self._prepare(batch["image"])
-                y = to_device(batch["target"], self.device)
-                with self.precision.autocast():
-                    out = self.task.infer(model, x)
-                self.task.update_metrics(out, y)
-            if self.dist.enabled:
-                # Each rank saw its own samples once; after this every rank holds the
-                # metric state of the whole split, so all compute the same numbers.
-                self.task.sync_metrics(self.dist)
-        metrics = self.task.compute_metrics()
-        self.model.train()
+        metrics = evaluate(
+            model, loader, self.task, self.prep, self.precision, self.dist, self.skipped
+        )
         self.timings["eval_s"] += time.perf_counter() - start
         if emit:
             self._emit({"split": split, "kind": "eval", **metrics})
@@ -318,92 +300,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ internals
 
-    def _prepare(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        # uint8 crosses to the device (4x less traffic than float); normalise there, once.
-        x = images.to(self.device, non_blocking=True)
-        if augment and self.device_augment is not None:
-            x = self.device_augment(x, self.epoch, self.batch_in_epoch)
-        x = self.normalizer(x)
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def _update(self) -> None:
-        """Unscale, clip, check, step the optimizer, the scaler and a per-update schedule.
+        """Apply the accumulated gradients (``Step.update``); count the real updates.
 
         An update that does not happen — non-finite under ``train.on_nan=skip|rollback``,
         or skipped by fp16's GradScaler — advances neither the schedule, the EMA nor
         ``global_step``: the scheduler's step count equals the real updates.
         """
-        tcfg = self.cfg.train
-        scaler = self.precision.scaler
         batches, self._group_batches = self._group_batches, []
         if not batches:  # every micro-batch of the group was passed over
             self.optimizer.zero_grad(set_to_none=True)
             return
-        check = self.nan.checks_every_update
-        log_due = (self.global_step + 1) % tcfg.log_every == 0 or self.at_epoch_end
-        if tcfg.grad_clip_norm or tcfg.grad_clip_value or log_due or check:
-            scaler.unscale_(self.optimizer)
-        if tcfg.grad_clip_norm:
-            # The returned norm is the pre-clip norm: what the log should show.
-            self._grad_norm = nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip_norm)
-        elif log_due or tcfg.grad_clip_value or check:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            self._grad_norm = nn.utils.get_total_norm(grads) if grads else None
-        if check and not self._finite_update(batches):
-            return
-        if tcfg.grad_clip_value:
-            nn.utils.clip_grad_value_(self.params, tcfg.grad_clip_value)
+        log_due = (self.global_step + 1) % self.cfg.train.log_every == 0 or self.at_epoch_end
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        if scaler.is_enabled() and self._amp_scale is None:
-            self._amp_scale = scaler.get_scale()  # first update, or after a reset
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if scaler.is_enabled() and self._scale_dropped(scaler):
-            # GradScaler found inf/NaN gradients (fp16 overflow) and skipped the step; it
-            # lowered its scale and the next step retries. Not an update.
-            self.amp_skipped += 1
-            return
-        if self.ema is not None:
-            self.ema.update(self.model)
-        if self.schedule.interval == "step":
-            self.schedule.scheduler.step()
-        self.global_step += 1
-
-    def _scale_dropped(self, scaler: torch.amp.GradScaler) -> bool:
-        """Whether the last ``scaler.update()`` lowered the scale (it skipped the step)."""
-        before = self._amp_scale
-        self._amp_scale = scaler.get_scale()
-        return before is not None and self._amp_scale < before
-
-    def _finite_update(self, batches: list[tuple[int, int]]) -> bool:
-        """Whether this update may step; otherwise drop it (skip) or roll back.
-
-        One host sync per update: the decision must come before the optimizer steps.
-        """
-        bad = self._group_bad.clone()
-        self._group_bad.zero_()
-        norm = self._grad_norm
-        if norm is not None and self.precision.name != "fp16":
-            # fp16 overflows are GradScaler's to handle; a NaN loss is still caught.
-            bad |= ~torch.isfinite(norm)
-        bad_any = bool(self.dist.sum_(bad.to(torch.int32)))  # the same answer on every rank
-        decision = self.nan.decide(not bad_any, batches)
-        if decision == "step":
-            return True
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.precision.scaler.is_enabled():
-            self.precision.scaler.update()  # closes this step's unscale_ bookkeeping
-            self._amp_scale = None  # the update may have lowered it: read it afresh
-        self.console(
-            f"step {self.global_step + 1} (epoch {self.epoch + 1}): non-finite loss or "
-            f"gradients; update skipped ({self.nan.in_a_row} in a row, {self.nan.skips} in all)"
-        )
-        if decision == "rollback":
+        result = self.step.update(want_norm=log_due, decide=lambda ok: self._decide(ok, batches))
+        if result.grad_norm is not None:
+            self._grad_norm = result.grad_norm
+        if result.outcome == "rollback":
             self._rollback()
-        return False
+        if result.outcome == "amp_skipped":
+            self.amp_skipped += 1
+        if result.stepped:
+            self.global_step += 1
+
+    def _decide(self, finite: bool, batches: list[tuple[int, int]]) -> str:
+        """The NaN policy's answer for an update over ``batches``; says so when it drops one."""
+        decision = self.nan.decide(finite, batches)
+        if decision != "step":
+            self.console(
+                f"step {self.global_step + 1} (epoch {self.epoch + 1}): non-finite loss or "
+                f"gradients; update skipped ({self.nan.in_a_row} in a row, {self.nan.skips} "
+                "in all)"
+            )
+        return decision
 
     def _rollback(self) -> None:
         """Reload last.pt, lower the LR, pass over the offending batches, restart there."""
@@ -425,9 +354,8 @@ class Trainer:
         self.nan.load_state_dict(kept)
         self.nan.scale_lr(self.optimizer, self.schedule.scheduler)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        self._group_bad.zero_()
+        self.step.reset()
         self._group_batches = []
-        self.optimizer.zero_grad(set_to_none=True)
         self._emit({"split": "train", "kind": "rollback", "rollbacks": self.nan.rollbacks,
                     "lr": self.last_lr, "passed_over": len(self.nan.pass_over)})  # fmt: skip
         self.console(
@@ -688,7 +616,7 @@ class Trainer:
         if self.schedule.scheduler is not None and state.get("scheduler") is not None:
             self.schedule.scheduler.load_state_dict(state["scheduler"])
         self.precision.scaler.load_state_dict(state["scaler"])
-        self._amp_scale = None
+        self.step.reset()
         for cb in self.callbacks:
             cb.load_state_dict(state["callbacks"].get(cb.name, {}))
         counters = state["counters"]
@@ -753,17 +681,6 @@ class Trainer:
             f"its {consumed} samples seen so far are repeated)"
         )
         return resumed
-
-
-def to_device(target: Any, device: torch.device) -> Any:
-    """Move a batch's targets — a tensor, or a detection list of dicts — to the device."""
-    if isinstance(target, torch.Tensor):
-        return target.to(device, non_blocking=True)
-    if isinstance(target, list):
-        return [to_device(t, device) for t in target]
-    if isinstance(target, dict):
-        return {k: to_device(v, device) for k, v in target.items()}
-    return target
 
 
 def monitored(metrics: dict[str, Any], key: str) -> float:

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from visiontrain.errors import ConfigError, did_you_mean
+from visiontrain.errors import ConfigError
+from visiontrain.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
-_MODELS: dict[str, ModelBuilder] = {}
-_TASKS: dict[str, frozenset[str]] = {}
+
+
+@dataclass(frozen=True)
+class _ModelEntry:
+    build: ModelBuilder
+    tasks: frozenset[str]
+
+
+_MODELS: Registry[_ModelEntry] = Registry("model", key="model.name")
 # Tasks whose builders also get the working image size (detectors size their transforms
 # and anchors with it).
 SIZED_TASKS = frozenset({"detection", "segmentation"})
@@ -30,16 +39,11 @@ def register_model(
     """Register a builder ``fn(num_classes, in_chans, **options) -> nn.Module``.
 
     Builders for detection and segmentation also receive ``image_size``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
     """
-
-    def deco(fn: ModelBuilder) -> ModelBuilder:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = fn
-        _TASKS[name] = frozenset(tasks)
-        return fn
-
-    return deco
+    return _MODELS.decorator(name, lambda fn: _ModelEntry(fn, frozenset(tasks)))
 
 
 def list_models(task: str | None = None) -> list[str]:
@@ -48,7 +52,7 @@ def list_models(task: str | None = None) -> list[str]:
     For classification and regression, timm and torchvision names also resolve.
     """
     _import_builtin()
-    return sorted(n for n in _MODELS if task is None or task in _TASKS[n])
+    return [n for n, e in _MODELS.items() if task is None or task in e.tasks]
 
 
 def _import_builtin() -> None:
@@ -176,15 +180,16 @@ def create_model(
     """Build a model by name; ``None`` options are dropped so builder defaults apply."""
     _import_builtin()
     opts = {k: v for k, v in options.items() if v is not None}
-    if name in _MODELS:
-        if task not in _TASKS[name]:
+    entry = _MODELS.find(name)
+    if entry is not None:
+        if task not in entry.tasks:
             raise ConfigError(
                 f"model {name} is not a {task} model (it serves "
-                f"{', '.join(sorted(_TASKS[name]))}); for task {task} use "
+                f"{', '.join(sorted(entry.tasks))}); for task {task} use "
                 f"{', '.join(list_models(task)) or 'a timm/torchvision name'}."
             )
         if task in SIZED_TASKS:
-            return _MODELS[name](
+            return entry.build(
                 num_classes=num_classes,
                 in_chans=in_chans,
                 pretrained=pretrained,
@@ -195,21 +200,17 @@ def create_model(
             raise ConfigError(
                 f"model {name} has no pretrained weights; set model.pretrained=false."
             )
-        _refuse_unknown(name, _MODELS[name], opts)
-        return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **opts)
+        _refuse_unknown(name, entry.build, opts)
+        return entry.build(num_classes=num_classes, in_chans=in_chans, **opts)
     if task in SIZED_TASKS:
-        tip = did_you_mean(name, list_models(task))
-        raise ConfigError(
-            f"unknown {task} model `model.name={name}`{tip} Choose one of "
-            f"{', '.join(list_models(task))}."
-        )
+        # Only registered builders serve these tasks: suggest among that task's models.
+        raise _MODELS.unknown(name, among=list_models(task), kind=f"{task} model")
     resolved = _external(name)
     if resolved is None:
-        tip = did_you_mean(name, list(_MODELS))
-        raise ConfigError(
-            f"unknown model `model.name={name}`{tip} Use a built-in "
-            f"({', '.join(sorted(_MODELS))}), a timm name (e.g. resnet18, "
-            "`timm:convnext_atto`) or `torchvision:NAME`."
+        raise _MODELS.unknown(
+            name,
+            tail=f"Use a built-in ({', '.join(_MODELS.names())}), a timm name (e.g. "
+            "resnet18, `timm:convnext_atto`) or `torchvision:NAME`.",
         )
     lib, real = resolved
     builder = _timm if lib == "timm" else _torchvision

@@ -48,7 +48,6 @@ def _unbatch(value: Any) -> list[Any]:
     ]
 
 
-@torch.inference_mode()
 def collect_samples(run: RunData, limit: int) -> Samples:
     """Run the best checkpoint on the first ``limit`` validation images.
 
@@ -61,8 +60,10 @@ def collect_samples(run: RunData, limit: int) -> Samples:
     """
     from visiontrain.data import build_data
     from visiontrain.data.pipeline import build_loaders
+    from visiontrain.engine.evaluate import infer_batches
+    from visiontrain.engine.precision import Precision
     from visiontrain.predict import load_trained
-    from visiontrain.tasks.base import task_class
+    from visiontrain.tasks import build_task
 
     if not run.best_checkpoint.is_file():
         raise UserError(f"{run.best_checkpoint} does not exist")
@@ -75,20 +76,22 @@ def collect_samples(run: RunData, limit: int) -> Samples:
     bundle = build_data(cfg.data, cfg.task)
     if bundle.val is None:
         raise UserError(f"data source {cfg.data.name} has no val split")
-    task = task_class(cfg.task)
+    task = build_task(cfg, bundle, loaded.device)
+    task.load_state_dict(loaded.state.get("task_state") or {})
     loader = build_loaders(cfg, bundle, loaded.device).val
     images: list[torch.Tensor] = []
     targets: list[Any] = []
     outputs: list[Any] = []
-    for batch in loader:
-        if batch["image"] is None:
-            continue
-        x = loaded.normalizer(batch["image"].to(loaded.device))
+
+    def collect(batch: dict[str, Any], out: Any) -> bool:
         images.extend(batch["image"].cpu())
         targets.extend(_unbatch(batch["target"]))
-        outputs.extend(_unbatch(task.infer(loaded.model, x)))
-        if len(images) >= limit:
-            break
+        outputs.extend(_unbatch(out))
+        return len(images) >= limit
+
+    # The evaluation loop of training (engine.evaluate): the run's precision and layout.
+    precision = Precision(cfg.train.precision, loaded.device)
+    infer_batches(loaded.model, loader, task, loaded.prep, precision, collect)
     return Samples(
         images=images[:limit],
         targets=targets[:limit],

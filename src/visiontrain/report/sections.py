@@ -11,12 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from visiontrain.errors import UserError
+from visiontrain.registry import Registry
 from visiontrain.report.figures import Plot
 from visiontrain.report.rundata import RunData
 from visiontrain.report.samples import Samples, collect_samples
 
 SectionBuilder = Callable[["ReportContext"], list[Plot]]
-_SECTIONS: dict[str, SectionBuilder] = {}
+# Keyed by task name; a report is not configured by a section name, hence no config key.
+_SECTIONS: Registry[SectionBuilder] = Registry("report section")
 
 
 class ReportContext:
@@ -53,13 +55,12 @@ class ReportContext:
 
 
 def register_section(task: str) -> Callable[[SectionBuilder], SectionBuilder]:
-    """Register the figure builder of ``task``'s report section."""
+    """Register the figure builder of ``task``'s report section.
 
-    def deco(fn: SectionBuilder) -> SectionBuilder:
-        _SECTIONS[task] = fn
-        return fn
-
-    return deco
+    Raises:
+        ValueError: ``task`` already has a section.
+    """
+    return _SECTIONS.decorator(task)
 
 
 def task_plots(ctx: ReportContext) -> list[Plot]:
@@ -71,5 +72,6 @@ def task_plots(ctx: ReportContext) -> list[Plot]:
         segmentation,
     )
 
-    builder = _SECTIONS.get(ctx.run.task)
+    # A task without a section (a plugin's, say) still gets the generic report.
+    builder = _SECTIONS.find(ctx.run.task)
     return builder(ctx) if builder is not None else []

@@ -16,7 +16,7 @@ from torch import nn
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
 from visiontrain.engine.distributed import Dist
-from visiontrain.errors import ConfigError, did_you_mean
+from visiontrain.registry import Registry
 
 
 class Task:
@@ -124,23 +124,24 @@ class Task:
 
 
 TaskFactory = Callable[[Config, DataBundle, torch.device], Task]
-_TASKS: dict[str, TaskFactory] = {}
+_TASKS: Registry[TaskFactory] = Registry("task", key="task")
 
 
 def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
-    """Register a task class under ``name``."""
+    """Register a task class under ``name``.
 
-    def deco(cls: TaskFactory) -> TaskFactory:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = cls
-        return cls
-
-    return deco
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    return _TASKS.decorator(name)
 
 
 def task_class(name: str) -> TaskFactory:
-    """The registered task class for ``task=name``."""
+    """The registered task class for ``task=name``.
+
+    Raises:
+        ConfigError: no task is registered under ``name``.
+    """
     from visiontrain.tasks import (  # noqa: F401  (they register themselves)
         classification,
         detection,
@@ -148,11 +149,7 @@ def task_class(name: str) -> TaskFactory:
         segmentation,
     )
 
-    factory = _TASKS.get(name)
-    if factory is None:
-        tip = did_you_mean(name, list(_TASKS))
-        raise ConfigError(f"unknown task `task={name}`{tip} Known: {', '.join(sorted(_TASKS))}.")
-    return factory
+    return _TASKS.get(name)
 
 
 def build_task(cfg: Config, bundle: DataBundle, device: torch.device) -> Task:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import time
@@ -33,6 +34,7 @@ from visiontrain.data.workers import (
     measure_loader,
     recommend,
 )
+from visiontrain.engine.step import Step
 from visiontrain.errors import EXIT_OK, UserError
 from visiontrain.io import atomic_write, atomic_write_json
 
@@ -168,34 +170,29 @@ def _not_applicable(precision: str, device: torch.device) -> str | None:
     return None
 
 
-def _repeat(x: torch.Tensor, y: Any, n: int) -> tuple[torch.Tensor, Any]:
-    """A batch of ``n`` samples made by cycling through one real batch."""
+def _repeat(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """A loader batch of ``n`` samples made by cycling through one real batch."""
+    x, y = batch["image"], batch["target"]
     idx = torch.arange(n) % len(x)
-    if isinstance(y, torch.Tensor):
-        return x[idx.to(x.device)], y[idx.to(y.device)]
-    return x[idx.to(x.device)], [y[i] for i in idx.tolist()]  # detection: list of dicts
+    # Detection targets are a list of dicts, one per image.
+    y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) else [y[i] for i in idx.tolist()]
+    return {"image": x[idx.to(x.device)], "target": y, "skipped": []}
 
 
 def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
     """``visiontrain bench amp``: step time per precision; on CUDA memory and max batch."""
-    from visiontrain.data.transforms import Normalizer
     from visiontrain.engine.optim import build_optimizer
-    from visiontrain.engine.parts import build_parts, buildable_optim
+    from visiontrain.engine.parts import build_parts, build_step, buildable_optim
     from visiontrain.engine.precision import Precision
-    from visiontrain.engine.trainer import to_device
 
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: time at least 1 step per precision.")
     cfg = _load(args)
     parts = build_parts(cfg)
-    device, model, task, bundle = parts.device, parts.model, parts.task, parts.bundle
+    device, model = parts.device, parts.model
     cuda = device.type == "cuda"
     batch = next(b for b in parts.loaders.train if b["image"] is not None)
-    normalizer = Normalizer(bundle.mean, bundle.std).to(device)
-    x = normalizer(batch["image"].to(device))
-    if cfg.train.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = to_device(batch["target"], device)
+    size = len(batch["image"])
     initial = copy.deepcopy(model.state_dict())
     model.train()
 
@@ -203,16 +200,10 @@ def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    def step(precision: Precision, optimizer: torch.optim.Optimizer, xb: Any, yb: Any) -> None:
-        # As Trainer.train_step + _update: forward under autocast, loss outside it,
-        # scaled backward, scaler-stepped optimizer.
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            out = task.forward(model, xb, yb)
-        loss = task.loss(out, yb)["loss"]
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+    def step(train_step: Step, b: dict[str, Any]) -> None:
+        # One whole update as training runs it (engine.step): the batch preparation,
+        # train.accumulate micro-batches, autocast, the scaled backward, clipping.
+        train_step.train_update(itertools.repeat(b), cfg.train.accumulate)
 
     rows: list[dict[str, Any]] = []
     for name in PRECISIONS:
@@ -223,29 +214,29 @@ def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
         # Every precision starts from the same weights and a fresh optimizer.
         model.load_state_dict(initial)
         optimizer = build_optimizer(buildable_optim(cfg.optim), model)
-        precision = Precision(name, device)
+        train_step = build_step(cfg, parts, optimizer=optimizer, precision=Precision(name, device))
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(AMP_WARMUP_STEPS):
-            step(precision, optimizer, x, y)
+            step(train_step, batch)
         times = []
         for _ in range(args.steps):
             sync()
             t0 = time.perf_counter()
-            step(precision, optimizer, x, y)
+            step(train_step, batch)
             sync()
             times.append(time.perf_counter() - t0)
         row: dict[str, Any] = {
             "precision": name,
             "applicable": True,
-            "batch_size": len(x),
+            "batch_size": size,
             "median_step_ms": round(statistics.median(times) * 1e3, 4),
         }
         if cuda:
             row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             row["max_batch"], row["max_batch_capped"] = _largest_batch(
-                lambda xb, yb, p=precision, o=optimizer: step(p, o, xb, yb), x, y, sync
+                lambda b, s=train_step: step(s, b), batch, sync
             )
         rows.append(row)
     model.load_state_dict(initial)
@@ -281,7 +272,7 @@ def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
         notes.append("on CPU only step time is reported: no GPU memory to measure")
     else:
         notes.append(
-            f"largest batch: doubling from {len(x)} until out of memory, capped at {MAX_BATCH}"
+            f"largest batch: doubling from {size} until out of memory, capped at {MAX_BATCH}"
         )
     for r in rows:
         if not r["applicable"]:
@@ -309,9 +300,8 @@ def cmd_bench_amp(args: argparse.Namespace, console: Console) -> int:
 
 
 def _largest_batch(
-    step: Callable[[torch.Tensor, Any], None],
-    x: torch.Tensor,
-    y: Any,
+    step: Callable[[dict[str, Any]], None],
+    batch: dict[str, Any],
     sync: Callable[[], None],
 ) -> tuple[int | None, bool]:
     """Double the batch from ``len(x)`` until a step runs out of CUDA memory.
@@ -320,17 +310,17 @@ def _largest_batch(
         The largest batch that ran (None if even ``len(x)`` did not), and whether the
         search stopped at :data:`MAX_BATCH` rather than at an out-of-memory error.
     """
-    size, fits = len(x), None
+    size, fits = len(batch["image"]), None
     while size <= MAX_BATCH:
-        xb, yb = _repeat(x, y, size)
+        big = _repeat(batch, size)
         oom = False
         try:
-            step(xb, yb)
+            step(big)
             sync()
         except torch.OutOfMemoryError:
             oom = True
         # Free the failed attempt's tensors before the next, larger one is allocated.
-        del xb, yb
+        del big
         torch.cuda.empty_cache()
         if oom:
             return fits, False

@@ -38,11 +38,11 @@ from visiontrain.config import Config
 from visiontrain.data.loaders import AugmentedDataset, collate
 from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.sources import FileSplit, Split, SubsetSplit
-from visiontrain.data.transforms import Normalizer
+from visiontrain.engine.evaluate import infer_batches
 from visiontrain.engine.optim import build_optimizer
-from visiontrain.engine.parts import Parts, build_parts, buildable_optim
+from visiontrain.engine.parts import Parts, build_parts, build_prep, build_step, buildable_optim
 from visiontrain.engine.precision import Precision
-from visiontrain.engine.trainer import to_device
+from visiontrain.engine.step import BatchPrep, Step
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, ConfigError, DataError, did_you_mean
 from visiontrain.io import atomic_write_json
 
@@ -120,7 +120,8 @@ class DoctorContext:
     parts: Parts
     console: Console
     _scan: dict[str, SplitScan] | None = None
-    _batch: tuple[torch.Tensor, Any] | None = None
+    _batch: dict[str, Any] | None = None
+    _prep: BatchPrep | None = None
 
     @property
     def task(self) -> str:
@@ -139,26 +140,29 @@ class DoctorContext:
         """A deep copy of the model: checks train and evaluate it, never the original."""
         return copy.deepcopy(self.parts.model)
 
-    def normalizer(self) -> Normalizer:
-        """The trainer's uint8 → float normaliser, on the device."""
-        b = self.parts.bundle
-        return Normalizer(b.mean, b.std).to(self.parts.device)
+    @property
+    def prep(self) -> BatchPrep:
+        """The run's batch preparation (engine.step): normalisation, layout, augmentation."""
+        if self._prep is None:
+            self._prep = build_prep(self.cfg, self.parts.bundle, self.parts.device)
+        return self._prep
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise a uint8 batch on the device exactly as ``Trainer._prepare`` does."""
-        x = self.normalizer()(images.to(self.parts.device, non_blocking=True))
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision | None = None,
+    ) -> Step:
+        """The training step as ``train`` runs it, on a check's model copy and optimizer."""
+        return build_step(self.cfg, self.parts, model, optimizer, precision)
 
-    def train_batch(self) -> tuple[torch.Tensor, Any]:
-        """The first readable training batch, normalised, with targets on the device."""
+    def train_batch(self) -> dict[str, Any]:
+        """The first readable training batch (uint8 images, as the loader gives it)."""
         if self._batch is None:
             loader = build_loaders(self.cfg, self.parts.bundle, self.parts.device).train
             for batch in loader:
                 if batch["image"] is not None:
-                    x = self.prepare(batch["image"])
-                    self._batch = (x, to_device(batch["target"], self.parts.device))
+                    self._batch = batch
                     break
             else:
                 raise DataError("no training batch could be read (every sample was skipped).")
@@ -492,7 +496,8 @@ def check_model_init(ctx: DoctorContext) -> list[Finding]:
         for n, m in model.named_modules()
         if isinstance(m, _ACT_LAYERS)
     ]
-    x, y = ctx.train_batch()
+    batch = ctx.train_batch()
+    x, y = ctx.prep(batch["image"]), ctx.prep.target(batch["target"])
     try:
         with torch.no_grad():
             ctx.parts.task.forward(model, x, y)
@@ -577,11 +582,6 @@ def check_model_init(ctx: DoctorContext) -> list[Finding]:
 # --------------------------------------------------------------------------------- train
 
 
-def _loss(ctx: DoctorContext, model: nn.Module, x: torch.Tensor, y: Any) -> torch.Tensor:
-    task = ctx.parts.task
-    return task.loss(task.forward(model, x, y), y)["loss"]
-
-
 @register_check("train.overfit_one_batch")
 def check_overfit(ctx: DoctorContext) -> list[Finding]:
     """A copy of the model must drive the loss of one small batch close to zero."""
@@ -605,6 +605,7 @@ def check_overfit(ctx: DoctorContext) -> list[Finding]:
     # Adam at a fixed, moderate LR, independent of optim.*: this isolates "can the model
     # and loss learn these labels" from the LR question, which train.learning_rate asks.
     opt = torch.optim.Adam(params, lr=OVERFIT_LR)
+    step = ctx.step(model, opt)
     dataset = _train_dataset(ctx)
     n = min(ctx.cfg.data.batch_size, OVERFIT_SAMPLES, len(dataset))
     indices = list(range(n))
@@ -615,13 +616,11 @@ def check_overfit(ctx: DoctorContext) -> list[Finding]:
         batch = collate([dataset[(0, i)] for i in indices])
         if batch["image"] is None:
             raise DataError("the samples of the overfit batch could not be read.")
-        x = ctx.prepare(batch["image"])
-        y = to_device(batch["target"], ctx.parts.device)
-        loss = _loss(ctx, model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
+        # The training step itself; batch 0 of epoch 0 each time, so device augmentation
+        # draws the same crops too.
+        loss = step.forward_backward(batch)["loss"]
+        step.update()
+        value = float(loss)
         losses.append(value)
         if not math.isfinite(value):
             break
@@ -686,6 +685,9 @@ def check_gradients(ctx: DoctorContext) -> list[Finding]:
     model = ctx.model_copy()
     model.train()
     opt = build_optimizer(buildable_optim(ctx.cfg.optim), model)
+    step = ctx.step(model, opt)
+    scaler = step.precision.scaler
+    accumulate = ctx.cfg.train.accumulate
     loader = build_loaders(ctx.cfg, ctx.parts.bundle, ctx.parts.device).train
     global_norms: list[float] = []
     per_layer: dict[str, float] = {}
@@ -693,12 +695,14 @@ def check_gradients(ctx: DoctorContext) -> list[Finding]:
     no_grad = 0
     batches = _batches(loader)
     try:
-        for _ in range(GRAD_STEPS):
-            x, y = next(batches)
-            x = ctx.prepare(x)
-            y = to_device(y, ctx.parts.device)
-            opt.zero_grad(set_to_none=True)
-            _loss(ctx, model, x, y).backward()
+        for update in range(GRAD_STEPS):
+            # The micro-batches of one training update, then its gradients before the step.
+            for i in range(accumulate):
+                step.forward_backward(
+                    next(batches), 1.0 / accumulate, True, 0, update * accumulate + i
+                )
+            # fp16 gradients carry GradScaler's scale until the update unscales them.
+            unscale = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
             sq: dict[str, float] = {}
             no_grad = 0
             for pname, p in model.named_parameters():
@@ -707,7 +711,7 @@ def check_gradients(ctx: DoctorContext) -> list[Finding]:
                 if p.grad is None:
                     no_grad += 1
                     continue
-                norm = float(p.grad.detach().float().norm())
+                norm = float(p.grad.detach().float().norm()) * unscale
                 layer = _layer_of(pname)
                 if not math.isfinite(norm):
                     non_finite.add(layer)
@@ -715,7 +719,7 @@ def check_gradients(ctx: DoctorContext) -> list[Finding]:
             for layer, s in sq.items():
                 per_layer[layer] = max(per_layer.get(layer, 0.0), math.sqrt(s))
             global_norms.append(math.sqrt(sum(sq.values())))
-            opt.step()
+            step.update()
     finally:
         batches.close()
     top = sorted(per_layer.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)
@@ -780,14 +784,14 @@ def check_gradients(ctx: DoctorContext) -> list[Finding]:
     return findings
 
 
-def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, Any]]:
-    """Readable (uint8 images, targets) from ``loader``, repeating it as often as needed."""
+def _batches(loader: Any) -> Iterator[dict[str, Any]]:
+    """Readable batches of ``loader``, repeating it as often as needed."""
     while True:
         got = False
         for batch in loader:
             if batch["image"] is not None:
                 got = True
-                yield batch["image"], batch["target"]
+                yield batch
         if not got:
             raise DataError("no training batch could be read (every sample was skipped).")
 
@@ -882,19 +886,22 @@ def check_eval_mode(ctx: DoctorContext) -> list[Finding]:
     """The evaluation path must be in eval mode, deterministic, and leave buffers alone."""
     name = "eval.mode"
     model = ctx.model_copy()
-    x, _ = ctx.train_batch()
+    batch = ctx.train_batch()
     before = {k: v.detach().clone() for k, v in model.named_buffers()}
     precision = Precision(ctx.cfg.train.precision, ctx.parts.device)
-    # Exactly what Trainer.evaluate does: model.eval(), inference mode, the run's autocast,
-    # task.infer.
     model.eval()
     not_eval_after_eval = [n or "(model)" for n, m in model.named_modules() if m.training]
-    with torch.inference_mode():
-        with precision.autocast():
-            first = ctx.parts.task.infer(model, x)
-        training_during = [n or "(model)" for n, m in model.named_modules() if m.training]
-        with precision.autocast():
-            second = ctx.parts.task.infer(model, x)
+    outputs: list[Any] = []
+    training_during: list[str] = []
+
+    def record(_batch: dict[str, Any], out: Any) -> None:
+        outputs.append(out)
+        if not training_during:
+            training_during.extend(n or "(model)" for n, m in model.named_modules() if m.training)
+
+    # The evaluation loop itself (engine.evaluate), over the same batch twice.
+    infer_batches(model, [batch, batch], ctx.parts.task, ctx.prep, precision, record)
+    first, second = outputs
     changed = [
         k
         for k, v in model.named_buffers()
@@ -958,6 +965,8 @@ def check_loader_speed(ctx: DoctorContext) -> list[Finding]:
     model = ctx.model_copy()
     model.train()
     opt = build_optimizer(buildable_optim(ctx.cfg.optim), model)
+    step = ctx.step(model, opt)
+    accumulate = ctx.cfg.train.accumulate
     loader = build_loaders(ctx.cfg, ctx.parts.bundle, device).train
     waits: list[float] = []
     computes: list[float] = []
@@ -965,21 +974,21 @@ def check_loader_speed(ctx: DoctorContext) -> list[Finding]:
     started = time.perf_counter()
     try:
         # The first batch pays for worker start-up and lazy init: measured but not counted.
-        for step in range(LOADER_STEPS + 1):
+        for i in range(LOADER_STEPS + 1):
             t0 = time.perf_counter()
-            images, target = next(batches)
+            batch = next(batches)
             t1 = time.perf_counter()
-            x = ctx.prepare(images)
-            y = to_device(target, device)
-            opt.zero_grad(set_to_none=True)
-            _loss(ctx, model, x, y).backward()
-            opt.step()
+            # Training's own micro-batch and, every train.accumulate batches, its update.
+            last = (i + 1) % accumulate == 0
+            step.forward_backward(batch, 1.0 / accumulate, last, 0, i)
+            if last:
+                step.update()
             _sync(device)  # without it CUDA time would hide in the next wait
             t2 = time.perf_counter()
-            if step:
+            if i:
                 waits.append(t1 - t0)
                 computes.append(t2 - t1)
-            if step >= 3 and time.perf_counter() - started > LOADER_BUDGET_S:
+            if i >= 3 and time.perf_counter() - started > LOADER_BUDGET_S:
                 break
     finally:
         batches.close()
@@ -1022,7 +1031,7 @@ def check_precision(ctx: DoctorContext) -> list[Finding]:
     """One step under bf16 autocast (CPU, CUDA) and fp16 + GradScaler (CUDA): all finite."""
     name = "precision"
     device = ctx.parts.device
-    x, y = ctx.train_batch()
+    batch = ctx.train_batch()
     findings = []
     modes: list[tuple[str, torch.dtype]] = [("bf16", torch.bfloat16)]
     if device.type == "cuda":
@@ -1039,29 +1048,22 @@ def check_precision(ctx: DoctorContext) -> list[Finding]:
                 {"device": str(device)},
             )
         )
-    for mode, dtype in modes:
+    for mode, _dtype in modes:
         model = ctx.model_copy()
         model.train()
-        scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        step = ctx.step(model, opt, Precision(mode, device))
         loss_value, grads_finite, tries = math.nan, False, 0
         # fp16's first scale (65536) may overflow; the scaler then halves it and skips the
         # step, which is normal. Only gradients that stay non-finite are a fault.
         while tries < 5:
             tries += 1
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype):
-                out = ctx.parts.task.forward(model, x, y)
-            loss = ctx.parts.task.loss(out, y)["loss"]
-            loss_value = float(loss.detach().float())
+            loss_value = float(step.forward_backward(batch)["loss"].float())
             if not math.isfinite(loss_value):
+                opt.zero_grad(set_to_none=True)
                 break
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grads_finite = all(bool(torch.isfinite(g).all()) for g in grads)
-            scaler.step(opt)
-            scaler.update()
+            result = step.update(want_norm=True)
+            grads_finite = result.grad_norm is None or bool(torch.isfinite(result.grad_norm))
             if grads_finite or mode != "fp16":
                 break
         evidence = {

@@ -31,14 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from rich.console import Console
-from torch import nn
 from torch.utils.data import DataLoader
 
 from visiontrain.config import Config
-from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.optim import build_optimizer
-from visiontrain.engine.precision import Precision
-from visiontrain.engine.trainer import to_device
+from visiontrain.engine.parts import build_step
 from visiontrain.errors import EXIT_OK, DataError, UserError
 from visiontrain.io import atomic_write, atomic_write_json
 from visiontrain.seed import capture_rng, restore_rng
@@ -251,44 +248,21 @@ def _cycle(loader: DataLoader) -> Iterator[dict[str, Any]]:
 def _step_fn(
     cfg: Config, parts: Parts, optimizer: torch.optim.Optimizer, batches: Iterator[dict[str, Any]]
 ) -> Callable[[float], torch.Tensor]:
-    """One update as ``Trainer.train_step`` + ``Trainer._update`` make it, at a given LR."""
-    model, task, device, tcfg = parts.model, parts.task, parts.device, cfg.train
-    precision = Precision(tcfg.precision, device)
-    normalizer = Normalizer(parts.bundle.mean, parts.bundle.std).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    """One training update (``engine.step``, as ``train`` runs it) at a given LR."""
+    step = build_step(cfg, parts, optimizer=optimizer)
     base = optimizer.param_groups[0]["lr"]
     # Param groups with their own LRs keep their ratio to the first group's.
     ratios = [group["lr"] / base for group in optimizer.param_groups]
+    count = itertools.count()
 
-    def step(lr: float) -> torch.Tensor:
+    def run(lr: float) -> torch.Tensor:
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
-        total = torch.zeros((), device=device)
         # One update = `train.accumulate` micro-batches, so the LR fits the effective batch.
-        for _ in range(tcfg.accumulate):
-            batch = next(batches)
-            x = normalizer(batch["image"].to(device, non_blocking=True))
-            if tcfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = to_device(batch["target"], device)
-            with precision.autocast():
-                out = task.forward(model, x, y)
-            loss = task.loss(out, y)["loss"]
-            precision.scaler.scale(loss / tcfg.accumulate).backward()
-            total += loss.detach()
-        scaler = precision.scaler
-        if tcfg.grad_clip_norm or tcfg.grad_clip_value:
-            scaler.unscale_(optimizer)
-        if tcfg.grad_clip_norm:
-            nn.utils.clip_grad_norm_(params, tcfg.grad_clip_norm)
-        if tcfg.grad_clip_value:
-            nn.utils.clip_grad_value_(params, tcfg.grad_clip_value)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return total / tcfg.accumulate
+        loss, _ = step.train_update(batches, cfg.train.accumulate, next(count))
+        return loss
 
-    return step
+    return run
 
 
 def run_on_parts(
