@@ -16,11 +16,11 @@ from rich.console import Console
 from torch import nn
 
 from conftest import TINY, TINY_ANY
-from visiontrain.tools import doctor
 from visiontrain.config import Config, build_config
 from visiontrain.engine.parts import Parts, build_parts
 from visiontrain.errors import DataError
 from visiontrain.models import register_model
+from visiontrain.tools import doctor
 from visiontrain.tools.doctor import Finding, run_doctor
 
 

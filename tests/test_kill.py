@@ -17,7 +17,7 @@ from rich.console import Console
 
 from conftest import TINY
 from test_resume import assert_same_weights
-from visiontrain.api import build_trainer, fit_and_summarise
+from visiontrain.api import assemble, fit_and_summarise
 from visiontrain.config import load_config
 from visiontrain.engine.callbacks import Callback
 from visiontrain.engine.checkpoint import load_checkpoint
@@ -112,7 +112,7 @@ class _Rss(Callback):
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads /proc/self/statm")
 def test_resident_memory_is_flat_from_epoch_2_to_20(tmp_path):
     cfg = load_config(None, [*TINY, "train.epochs=20", f"run.dir={tmp_path}", "run.keep_last=1"])
-    trainer = build_trainer(cfg, Console(quiet=True))
+    trainer = assemble(cfg, Console(quiet=True))
     probe = _Rss()
     trainer.callbacks.append(probe)
     fit_and_summarise(trainer, time.perf_counter())

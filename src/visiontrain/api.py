@@ -8,25 +8,45 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from torch import nn
 
-from visiontrain.config import Config
+from visiontrain.config import Config, all_keys, build_config, read_yaml, set_values, suggest_key
+from visiontrain.data.user import SOURCE_NAME, DatasetSource
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
-from visiontrain.engine.distributed import Dist, current
+from visiontrain.engine.distributed import Dist, current, distributed_session
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.parts import build_parts, buildable_optim
 from visiontrain.engine.precision import Precision
+from visiontrain.engine.restore import Loaded
 from visiontrain.engine.schedules import Horizon, build_schedule
-from visiontrain.engine.signals import StopFlag
+from visiontrain.engine.signals import StopFlag, graceful_stop
 from visiontrain.engine.trainer import Trainer
 from visiontrain.engine.wrap import TrainModel
 from visiontrain.errors import ConfigError
+from visiontrain.export.artifact import Exported
 from visiontrain.io import atomic_write_json, atomic_write_text
-from visiontrain.rundir import plan_run
+from visiontrain.models.build import user_model_name
+from visiontrain.predict import load_for_predict, predict_images
+from visiontrain.report import write_report
+from visiontrain.report.samples import SampleSource
+from visiontrain.rundir import (
+    BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    ENV_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TB_DIR,
+    plan_run,
+)
 from visiontrain.tools.lr_find import resolve_lr_find, write_lr_find
 from visiontrain.tracking.envinfo import environment
 from visiontrain.tracking.jsonl import JsonlLogger
@@ -34,15 +54,36 @@ from visiontrain.tracking.progress import ProgressPrinter, choose_mode
 from visiontrain.tracking.tensorboard import TensorBoardLogger
 
 
-def build_trainer(
-    cfg: Config, console: Console, stop_flag: StopFlag | None = None, check_only: bool = False
+def assemble(
+    cfg: Config,
+    console: Console,
+    stop_flag: StopFlag | None = None,
+    check_only: bool = False,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> Trainer | None:
     """Build everything for ``visiontrain train``; with ``check_only`` stop before writing.
 
     With ``optim.lr=find`` the LR range test runs on the built parts (not with
     ``check_only``), ``cfg.optim.lr`` becomes its suggestion, and the test's
     ``lr_find.json``/``lr_find.png`` go into the run directory.
+
+    Args:
+        cfg: The resolved config; ``model.name``/``data.name`` are recorded for a user's
+            own module and Datasets.
+        console: Where notes and progress go.
+        stop_flag: Set by SIGINT/SIGTERM; the trainer saves and stops.
+        check_only: Build and check everything, write nothing, return None.
+        model: A user's own ``nn.Module`` instead of ``model.name``.
+        data: A user's Datasets (``vt.data.from_datasets``) instead of ``data.name``.
+        callbacks: A user's callbacks, run after the built-in ones.
     """
+    user_callbacks = _check_callbacks(callbacks)
+    if model is not None:
+        cfg.model.name = user_model_name(model)
+    if data is not None:
+        cfg.data.name = SOURCE_NAME
     dist = current()
     # Rank 0 names the run and finds what to resume; the others take its answer (their
     # clocks and disks may differ).
@@ -57,7 +98,7 @@ def build_trainer(
             f"optim.lr=find with a resumed run ({plan.resume_from}): the run's learning rate "
             "is already fixed. Pass the number from its config.yaml as optim.lr."
         )
-    parts = build_parts(cfg)
+    parts = build_parts(cfg, model, data)
     device, bundle, task, model = parts.device, parts.bundle, parts.task, parts.model
     optimizer, loaders = parts.optimizer, parts.loaders
     horizon = Horizon(
@@ -88,12 +129,12 @@ def build_trainer(
 
     run_dir = plan.run_dir
     if dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     resume_step = resume_state["counters"]["global_step"] if resume_state else None
-    if resume_state is None and cfg.run.resume == "auto" and (run_dir / "metrics.jsonl").exists():
+    if resume_state is None and cfg.run.resume == "auto" and (run_dir / METRICS_FILE).exists():
         resume_step = -1  # a run that died before its first checkpoint: start its log anew
     checkpointer = Checkpointer(
-        run_dir / "checkpoints",
+        run_dir / CHECKPOINTS_DIR,
         cfg.run.keep_last,
         cfg.run.save_every_steps,
         dist.is_main,
@@ -101,16 +142,17 @@ def build_trainer(
     )
     callbacks: list[Callback] = []
     if dist.is_main:  # one writer of logs and one progress display per job
-        callbacks.append(JsonlLogger(run_dir / "metrics.jsonl", resume_step))
+        callbacks.append(JsonlLogger(run_dir / METRICS_FILE, resume_step))
         if "tensorboard" in cfg.run.loggers:
             purge = None if resume_step is None else resume_step + 1
-            callbacks.append(TensorBoardLogger(run_dir / "tb", purge))
+            callbacks.append(TensorBoardLogger(run_dir / TB_DIR, purge))
         if mlflow_logger is not None:
             callbacks.append(mlflow_logger)
         callbacks.append(ProgressPrinter(choose_mode(cfg.train.progress), console))
     if cfg.train.early_stopping.patience:
         es = cfg.train.early_stopping
         callbacks.append(EarlyStopping(es.patience, es.min_delta))
+    callbacks.extend(user_callbacks)
     trainer = Trainer(
         cfg=cfg,
         run_dir=run_dir,
@@ -146,8 +188,8 @@ def build_trainer(
             f"{trainer.batch_in_epoch}, step {trainer.global_step})"
         )
     if dist.is_main:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_json(run_dir / "env.json", environment(device, dist.world_size))
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+        atomic_write_json(run_dir / ENV_FILE, environment(device, dist.world_size))
         if lr_test is not None:
             write_lr_find(lr_test, run_dir)
     if dist.enabled:
@@ -159,6 +201,36 @@ def build_trainer(
     for note in [*bundle.notes, *task.describe(), *parts.notes]:
         say(f"note: {note}")
     return trainer
+
+
+def _check_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
+    """A user's callbacks, each a :class:`Callback` with a name of its own.
+
+    The name keys the callback's state in every checkpoint, so two callbacks may not share
+    one; a callback that keeps the base class's name is named after its class.
+
+    Raises:
+        ConfigError: an object that is not a Callback, or two with the same name.
+    """
+    out: list[Callback] = []
+    seen = {"checkpointer", "jsonl", "tensorboard", "mlflow", "progress", "early_stopping"}
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise ConfigError(
+                f"callbacks: {cb!r} is a {type(cb).__name__}; pass instances of a subclass of "
+                "vt.Callback (override the hooks you need: on_fit_start, on_log, on_update, "
+                "on_epoch_end, on_fit_end)."
+            )
+        if cb.name == Callback.name:
+            cb.name = type(cb).__name__
+        if cb.name in seen:
+            raise ConfigError(
+                f"callbacks: two callbacks are named {cb.name!r}; the name keys each one's "
+                "state in the checkpoint. Give each class its own `name`."
+            )
+        seen.add(cb.name)
+        out.append(cb)
+    return out
 
 
 def _say(console: Console, dist: Dist) -> Callable[[str], None]:
@@ -186,9 +258,13 @@ def fit_and_summarise(trainer: Trainer, start: float, report: bool = False) -> d
         trainer.fit()
         summary = write_summary(trainer, time.perf_counter() - start)
         if report and trainer.dist.is_main:
-            from visiontrain.report import write_report
-
-            write_report(trainer.run_dir)
+            # A user's own module or Datasets cannot be rebuilt from the run directory:
+            # hand them over (the report loads best.pt into a copy of the module).
+            source = SampleSource(
+                trainer.model if trainer.user_model else None,
+                trainer.bundle if trainer.cfg.data.name == SOURCE_NAME else None,
+            )
+            write_report(trainer.run_dir, source=source)
     finally:
         for cb in trainer.callbacks:
             cb.close()
@@ -230,5 +306,337 @@ def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
         "precision": trainer.cfg.train.precision,
     }
     if trainer.dist.is_main:
-        atomic_write_json(trainer.run_dir / "summary.json", summary)
+        atomic_write_json(trainer.run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind.
+
+    Attributes:
+        run_dir: The run directory (``config.yaml``, ``metrics.jsonl``, checkpoints ...).
+        summary: The contents of ``summary.json`` (best epoch, metrics per split ...).
+        best_checkpoint: ``checkpoints/best.pt`` when a best epoch was saved.
+        last_checkpoint: ``checkpoints/last.pt``.
+        rank: This process's rank under torchrun (0 alone); rank 0 wrote the files.
+    """
+
+    run_dir: Path
+    summary: dict[str, Any]
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    rank: int = 0
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Final metrics per split: ``{"val": {...}, "test": {...}}``."""
+        return self.summary["metrics"]
+
+
+ConfigLike = Config | Mapping[str, Any] | str | Path | None
+
+
+def resolve_config(
+    config: ConfigLike = None, overrides: Sequence[str] = (), keys: Mapping[str, Any] | None = None
+) -> Config:
+    """A validated :class:`Config` from a YAML path, a dict or a Config, plus changes.
+
+    Example:
+        >>> import visiontrain as vt
+        >>> cfg = vt.resolve_config(None, ["optim.lr=3e-4"], {"train": {"epochs": 2}})
+        >>> cfg.optim.lr, cfg.train.epochs
+        (0.0003, 2)
+
+    Args:
+        config: A YAML file, a raw config tree (``{"optim": {"lr": 3e-4}}``), a
+            :class:`Config` (copied, never changed), or None for the defaults.
+        overrides: Dotted ``key=value`` strings, as on the command line.
+        keys: Sections or keys as Python values: ``{"train": {"epochs": 2}}``,
+            ``{"task": "regression"}``; they apply after ``overrides``.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest valid one), a wrong type or value.
+    """
+    if isinstance(config, Config):
+        tree, source = config.to_dict(), "the Config given"
+    elif isinstance(config, Mapping):
+        tree, source = dict(config), "the dict given"
+    elif config is None:
+        tree, source = {}, "the arguments"
+    else:
+        tree, source = read_yaml(config), f"{config} + overrides"
+    cfg = build_config(tree, overrides, source)
+    if keys:
+        flat: dict[str, Any] = {}
+        for key, value in keys.items():
+            if isinstance(value, Mapping):
+                flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+            else:
+                flat[key] = value
+        cfg = build_config(set_values(cfg.to_dict(), flat), (), f"{source} + keyword arguments")
+        _refuse_unknown(flat)
+    return cfg
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested mapping: ``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _refuse_unknown(flat: Mapping[str, Any]) -> None:
+    """Refuse keyword keys the config does not have (validation may drop nothing silently)."""
+    known = set(all_keys())
+    for key in flat:
+        if key not in known and not any(k.startswith(f"{key}.") for k in known):
+            hint = suggest_key(key)
+            tip = f" — did you mean `{hint}`?" if hint else ""
+            raise ConfigError(f"unknown config key `{key}`{tip}")
+
+
+def refuse_tune_keys(overrides: Sequence[str]) -> None:
+    """Refuse ``tune.*`` overrides on a training run: they configure ``visiontrain tune``.
+
+    Raises:
+        ConfigError: naming the keys.
+    """
+    tune_keys = [o.partition("=")[0] for o in overrides if o.startswith("tune.")]
+    if tune_keys:
+        # A YAML may carry a tune: section for `visiontrain tune`; on train's command line
+        # such a key would change nothing.
+        raise ConfigError(
+            f"{', '.join(tune_keys)} configure `visiontrain tune`; train does not read them. "
+            "Run `visiontrain tune` with them, or drop them."
+        )
+
+
+class Run:
+    """A training run of a config and, optionally, a user's own model, data and callbacks.
+
+    Made by :func:`build_trainer`; :meth:`fit` trains it. Nothing is built or written
+    until then, and everything that can fail on bad input fails before the run directory
+    exists.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module | None = None,
+        data: DatasetSource | None = None,
+        callbacks: Sequence[Callback] = (),
+        console: Console | None = None,
+    ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model= takes a torch.nn.Module; got a {type(model).__name__}. Pass an "
+                "instance (MyNet(...)), or leave it out and set model.name."
+            )
+        if data is not None and not isinstance(data, DatasetSource):
+            raise ConfigError(
+                f"data= takes what vt.data.from_datasets(train, val, ...) returns; got a "
+                f"{type(data).__name__}."
+            )
+        self.cfg, self.model, self.data = cfg, model, data
+        self.callbacks = _check_callbacks(callbacks)
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.trainer: Trainer | None = None
+
+    def check(self) -> None:
+        """Build and check data, model, optimizer and schedule; train and write nothing."""
+        assemble(
+            self.cfg.model_copy(deep=True),
+            self.console,
+            check_only=True,
+            model=self.model,
+            data=self.data,
+            callbacks=self.callbacks,
+        )
+
+    def fit(self) -> TrainResult:
+        """Train (or continue, with ``run.resume``), write the summary and the report.
+
+        SIGINT/SIGTERM save ``last.pt`` and raise :class:`~visiontrain.errors.Interrupted`
+        (its ``exit_code`` is 130/143); under ``torchrun`` every process calls ``fit``.
+
+        Raises:
+            UserError: bad input (config, data, checkpoint), before anything is written.
+            RunError: the run could not go on (disk full, a loader worker died, NaN).
+            Interrupted: stopped by a signal after saving.
+        """
+        start = time.perf_counter()
+        cfg = self.cfg.model_copy(deep=True)
+        with graceful_stop() as flag, distributed_session(cfg.train.device):
+            trainer = assemble(
+                cfg, self.console, flag, model=self.model, data=self.data, callbacks=self.callbacks
+            )
+            assert trainer is not None
+            self.trainer = trainer
+            summary = fit_and_summarise(trainer, start, report=cfg.run.report)
+        folder = trainer.checkpointer.folder
+        best, last = folder / BEST_CHECKPOINT, folder / LAST_CHECKPOINT
+        return TrainResult(
+            trainer.run_dir,
+            summary,
+            best if best.is_file() else None,
+            last if last.is_file() else None,
+            trainer.dist.rank,
+        )
+
+
+def build_trainer(
+    cfg: ConfigLike = None,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    callbacks: Sequence[Callback] = (),
+    *,
+    console: Console | None = None,
+) -> Run:
+    """A training run of ``cfg`` with, optionally, your own model, data and callbacks.
+
+    Everything ``visiontrain train`` does applies to them: initialisation
+    (``model.init``), channels_last, compile, EMA, DDP under torchrun, resume
+    (``run.resume=auto``), SIGTERM, logs, checkpoints, thresholds and the report.
+
+    Example:
+        >>> import torch, visiontrain as vt
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        >>> run = vt.build_trainer({"train": {"epochs": 1}}, model=net)
+        >>> isinstance(run, vt.Run)
+        True
+
+    Args:
+        cfg: A YAML path, a config dict or a :class:`Config` (see :func:`resolve_config`).
+        model: Your own ``nn.Module`` (not registered): it must return ``(batch, classes)``
+            logits (classification) or ``(batch, targets)`` values (regression), or what
+            torchvision's detectors/segmenters return for those tasks.
+        data: Your own Datasets, from :func:`visiontrain.data.from_datasets`.
+        callbacks: Instances of :class:`Callback` subclasses; each hook receives the
+            trainer.
+        console: Where progress and notes are printed (default: the terminal).
+
+    Returns:
+        A :class:`Run`; call ``.fit()``.
+    """
+    return Run(resolve_config(cfg), model, data, callbacks, console)
+
+
+def train(
+    config: ConfigLike = None,
+    *overrides: str,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    callbacks: Sequence[Callback] = (),
+    **keys: Any,
+) -> TrainResult:
+    """Train a model, as ``visiontrain train [CONFIG.yaml] [key=value ...]`` does.
+
+    Example:
+        >>> import visiontrain as vt
+        >>> result = vt.train(None, "data.train_size=64", "data.val_size=32",  # doctest: +SKIP
+        ...                   train={"epochs": 1}, run={"dir": "runs"})
+        >>> result.summary["metrics"]["val"]["macro_f1"]  # doctest: +SKIP
+
+    Args:
+        config: A YAML path, a config dict, a :class:`Config`, or None (the defaults:
+            the embedded defects data).
+        *overrides: Dotted ``key=value`` strings.
+        model: Your own module instead of ``model.name`` (see :func:`build_trainer`).
+        data: Your own Datasets instead of ``data.name``.
+        callbacks: Extra :class:`Callback` instances.
+        **keys: Sections as dicts (``train={"epochs": 2}``) or top-level keys
+            (``task="regression"``).
+
+    Returns:
+        The run directory, ``summary.json``'s contents and the checkpoints.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad input, with the message the CLI
+            prints; nothing is written.
+        RunError: the run could not go on.
+        Interrupted: stopped by SIGINT/SIGTERM after saving ``last.pt``.
+    """
+    refuse_tune_keys(overrides)
+    cfg = resolve_config(config, overrides, keys)
+    return Run(cfg, model, data, callbacks).fit()
+
+
+class Predictor:
+    """A trained model ready to predict: from a run, a checkpoint or an exported artifact.
+
+    Made by :func:`load`. ``predict`` answers as ``visiontrain predict`` does.
+    """
+
+    def __init__(self, loaded: Loaded | Exported) -> None:
+        self.loaded = loaded
+
+    @property
+    def task(self) -> str:
+        """``classification``, ``regression``, ``detection`` or ``segmentation``."""
+        return self.loaded.task
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names, in index order (empty for regression)."""
+        return list(self.loaded.class_names)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The module in eval mode (None for an exported artifact)."""
+        return getattr(self.loaded, "model", None)
+
+    def predict(
+        self,
+        images: Any,
+        top_k: int = 1,
+        score_threshold: float | None = None,
+        batch_size: int = 32,
+    ) -> list[dict[str, Any]]:
+        """Predictions for images, one dict per image, as ``visiontrain predict`` gives.
+
+        Example:
+            >>> predictor = vt.load("runs/defects-1")  # doctest: +SKIP
+            >>> predictor.predict(["a.png", "b.png"])[0]["prediction"]  # doctest: +SKIP
+            'ok'
+
+        Args:
+            images: One image or a list: file paths, PIL images, numpy arrays (HWC) or
+                uint8 tensors (CHW).
+            top_k: Classification: also rank the ``k`` best classes.
+            score_threshold: Detection: keep boxes scoring at least this (default 0.5).
+            batch_size: Images per forward.
+
+        Returns:
+            Per image: ``file`` (for paths) or ``index``, and the task's prediction
+            (``prediction``/``probability``, values, ``detections``, or ``mask``).
+        """
+        items = images if isinstance(images, list | tuple) else [images]
+        return predict_images(self.loaded, list(items), top_k, score_threshold, batch_size)
+
+
+def load(target: str | Path, model: nn.Module | None = None) -> Predictor:
+    """A predictor from a run directory, a checkpoint, or an exported ``.pt2``/``.onnx``.
+
+    Example:
+        >>> import visiontrain as vt
+        >>> vt.load("runs/defects-1").predict("photo.png")  # doctest: +SKIP
+
+    Args:
+        target: A run directory (its best.pt), a ``.pt`` checkpoint, or an exported
+            artifact with its ``model.json`` beside it.
+        model: For a checkpoint of your own module: an instance built as for training,
+            which receives the weights.
+
+    Raises:
+        CheckpointError: missing or damaged file, or your module is needed and not given.
+        UserError: an artifact without its model.json.
+    """
+    return Predictor(load_for_predict(target, model))

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,37 +59,27 @@ def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    """Train a model; the last line printed is the run directory."""
-    from visiontrain.api import build_trainer, fit_and_summarise
+    """Train a model (``vt.train``); the last line printed is the run directory."""
+    from visiontrain.api import Run, refuse_tune_keys
     from visiontrain.config import load_config, split_items
-    from visiontrain.engine.distributed import distributed_session
-    from visiontrain.engine.signals import graceful_stop
 
     path, overrides = split_items(args.items)
-    tune_keys = [o.partition("=")[0] for o in overrides if o.startswith("tune.")]
-    if tune_keys:
-        # A YAML may carry a tune: section for `visiontrain tune`; on train's command line
-        # such a key would change nothing.
-        raise UserError(
-            f"{', '.join(tune_keys)} configure `visiontrain tune`; train does not read them. "
-            "Run `visiontrain tune` with them, or drop them."
-        )
+    refuse_tune_keys(overrides)
     if args.from_file:
         from visiontrain.tools.tune import config_from_best
 
         cfg = config_from_best(path, overrides, args.from_file)
     else:
         cfg = load_config(path, overrides)
+    run = Run(cfg, console=console)
     if args.check:
-        build_trainer(cfg, console, check_only=True)
+        run.check()
         console.print("config OK: data, model, optimizer and schedule build.", highlight=False)
         return EXIT_OK
-    start = time.perf_counter()
-    with graceful_stop() as flag, distributed_session(cfg.train.device) as dist:
-        trainer = build_trainer(cfg, console, stop_flag=flag)
-        summary = fit_and_summarise(trainer, start, report=cfg.run.report)
-    if not dist.is_main:
+    result = run.fit()
+    if result.rank != 0:
         return EXIT_OK
+    summary = result.summary
     for split in ("val", "test"):
         for table in metric_tables(summary["metrics"].get(split) or {}, split):
             console.print(table)
@@ -100,7 +89,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             "(listed in summary.json)",
             highlight=False,
         )
-    print(trainer.run_dir, flush=True)
+    print(result.run_dir, flush=True)
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""Load a trained model for ``eval`` and ``predict``: a run, a checkpoint, or an export.
+"""Predictions from a run, a checkpoint or an exported artifact (``predict``, ``vt.load``).
 
 An exported artifact (``model.pt2`` / ``model.onnx`` from ``visiontrain export``) takes
 uint8 NCHW images with the normalisation inside; the ``model.json`` beside it says how
@@ -12,30 +12,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from visiontrain.data.images import decode_file
 from visiontrain.data.transforms import build_transform, fit_square
+from visiontrain.data.user import to_uint8_chw
 from visiontrain.engine.restore import Loaded, load_trained
 from visiontrain.export.artifact import Exported, exported_outputs, is_artifact, load_exported
 
-# ----------------------------------------------------------------------------- exports
+
+def load_for_predict(target: str | Path, model: nn.Module | None = None) -> Loaded | Exported:
+    """A run directory, checkpoint, or exported ``.pt2`` / ``.onnx`` artifact.
+
+    Args:
+        target: What to load.
+        model: The module for a checkpoint of a user's own module.
+    """
+    return load_exported(target) if is_artifact(target) else load_trained(target, model=model)
 
 
-def load_for_predict(target: str | Path) -> Loaded | Exported:
-    """A run directory, checkpoint, or exported ``.pt2`` / ``.onnx`` artifact."""
-    return load_exported(target) if is_artifact(target) else load_trained(target)
+def _image(item: Any, channels: int) -> torch.Tensor:
+    """A uint8 CHW tensor from a path, a PIL image, a numpy array or a tensor."""
+    if isinstance(item, str | Path):
+        return decode_file(Path(item), channels)
+    return to_uint8_chw(item, channels, f"the image given ({type(item).__name__})")
 
 
 @torch.inference_mode()
 def predict_outputs(
-    loaded: Loaded | Exported, paths: list[Path], batch_size: int = 32
+    loaded: Loaded | Exported, images: list[Any], batch_size: int = 32
 ) -> list[Any]:
-    """The model's output for each image file, in the file's own pixel frame.
+    """The model's output for each image, in the image's own pixel frame.
 
     Classification and regression: the centre-cropped image as at evaluation, one output
     row per image. Detection and segmentation (``whole_image`` tasks): the whole image,
     longer side resized to the working size and padded to a square as the loader does;
-    the task maps its outputs back to the file's pixels (:meth:`Task.to_file_frame`).
+    the task maps its outputs back to the image's pixels (:meth:`Task.to_file_frame`).
+
+    Args:
+        loaded: A checkpoint's model or an exported artifact.
+        images: Image files, PIL images, numpy arrays (HWC) or uint8 tensors (CHW).
+        batch_size: Images per forward.
     """
     from visiontrain.tasks.base import task_class
 
@@ -47,19 +64,53 @@ def predict_outputs(
         else build_transform("none", size, loaded.in_channels, False, False)
     )
     outputs: list[Any] = []
-    for i in range(0, len(paths), batch_size):
-        images = [decode_file(p, loaded.in_channels) for p in paths[i : i + batch_size]]
-        sizes = [tuple(im.shape[-2:]) for im in images]
+    for i in range(0, len(images), batch_size):
+        batch = [_image(item, loaded.in_channels) for item in images[i : i + batch_size]]
+        sizes = [tuple(im.shape[-2:]) for im in batch]
         if task.whole_image:
-            images = [fit_square(im, size) for im in images]
+            batch = [fit_square(im, size) for im in batch]
         elif transform is not None:
-            images = [transform(im) for im in images]
+            batch = [transform(im) for im in batch]
         if isinstance(loaded, Exported):
-            out = exported_outputs(loaded, torch.stack(images))
+            out = exported_outputs(loaded, torch.stack(batch))
         else:
-            out = task.infer(loaded.model, loaded.prep(torch.stack(images)))
+            out = task.infer(loaded.model, loaded.prep(torch.stack(batch)))
         outputs.extend(task.to_file_frame(out, sizes, size))
     return outputs
+
+
+def predict_images(
+    loaded: Loaded | Exported,
+    images: list[Any],
+    top_k: int = 1,
+    score_threshold: float | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """One row per image: its file (or index) and the task's prediction.
+
+    The rows ``visiontrain predict`` prints, with the threshold chosen at training.
+
+    Args:
+        loaded: A checkpoint's model or an exported artifact.
+        images: Image files, PIL images, numpy arrays (HWC) or uint8 tensors (CHW).
+        top_k: Classification: also rank the ``k`` best classes.
+        score_threshold: Detection: keep boxes scoring at least this.
+        batch_size: Images per forward.
+    """
+    from visiontrain.tasks.base import task_class
+
+    if not images:
+        return []
+    outputs = predict_outputs(loaded, images, batch_size)
+    task_state = dict(loaded.task_state)
+    if score_threshold is not None:
+        task_state["score_threshold"] = score_threshold
+    names = loaded.target_names or loaded.class_names
+    rows = task_class(loaded.task).predictions(outputs, task_state, names, top_k)
+    return [
+        {"file": str(item)} | row if isinstance(item, str | Path) else {"index": i} | row
+        for i, (item, row) in enumerate(zip(images, rows, strict=True))
+    ]
 
 
 def predict_files(
@@ -68,15 +119,5 @@ def predict_files(
     top_k: int = 1,
     score_threshold: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per image: its file and the task's prediction (with the saved threshold)."""
-    from visiontrain.tasks.base import task_class
-
-    if not paths:
-        return []
-    outputs = predict_outputs(loaded, paths)
-    task_state = dict(loaded.task_state)
-    if score_threshold is not None:
-        task_state["score_threshold"] = score_threshold
-    names = loaded.target_names or loaded.class_names
-    rows = task_class(loaded.task).predictions(outputs, task_state, names, top_k)
-    return [{"file": str(p), **row} for p, row in zip(paths, rows, strict=True)]
+    """One row per image file: its path and the task's prediction (``visiontrain predict``)."""
+    return predict_images(loaded, list(paths), top_k, score_threshold)

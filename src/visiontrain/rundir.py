@@ -12,6 +12,23 @@ from pathlib import Path
 from visiontrain.config import Config
 from visiontrain.errors import UserError
 
+# Every file of a run directory (docs/cli.md lists what each holds).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+ENV_FILE = "env.json"
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+TB_DIR = "tb"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+EXPORT_DIR = "export"
+LR_FIND_JSON = "lr_find.json"
+LR_FIND_PNG = "lr_find.png"
+# The best trial of `visiontrain tune`, in its study folder.
+TUNE_BEST = "best.json"
+
 
 @dataclass
 class RunPlan:
@@ -31,24 +48,24 @@ def plan_run(cfg: Config) -> RunPlan:
             base, n = run_dir, 1
             while run_dir.exists():
                 run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-        elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        elif (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
             raise UserError(
                 f"run directory {run_dir} already holds a run. Continue it with "
                 "run.resume=auto, or choose another run.name."
             )
         return RunPlan(run_dir, None)
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
+        last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
         return RunPlan(run_dir, last if last.is_file() else None)
     path = Path(resume).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = path / CHECKPOINTS_DIR / LAST_CHECKPOINT
     if not path.is_file():
         raise UserError(
             f"run.resume={resume}: no checkpoint at {path}. Pass a .pt file, a run "
             "directory, or run.resume=auto."
         )
-    if path.parent.name == "checkpoints":
+    if path.parent.name == CHECKPOINTS_DIR:
         run_dir = path.parent.parent
     return RunPlan(run_dir, path)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from visiontrain.api import build_trainer
+from visiontrain.api import assemble
 from visiontrain.config import build_config
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.distributed import distributed_session
@@ -27,7 +27,7 @@ def main() -> None:
         [f"run.dir={out}", "run.name=probe", "train.progress=none", *overrides],
     )
     with distributed_session(cfg.train.device) as dist:
-        trainer = build_trainer(cfg, Console(quiet=True))
+        trainer = assemble(cfg, Console(quiet=True))
         assert trainer is not None
         trainer.model.load_state_dict(state["model"])
         trainer.task.load_state_dict(state.get("task_state") or {})

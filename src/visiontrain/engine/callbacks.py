@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer
@@ -85,7 +86,7 @@ class Checkpointer(Callback):
 
     def save_last(self, trainer: Trainer) -> Path:
         """Write last.pt now (also used on SIGINT/SIGTERM)."""
-        path = self.folder / "last.pt"
+        path = self.folder / LAST_CHECKPOINT
         state = trainer.checkpoint_state()
         if self.write:
             save_checkpoint(path, state)
@@ -101,7 +102,7 @@ class Checkpointer(Callback):
         """
         if not self.write:
             return
-        for name in ("best.pt", "last.pt"):
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
             path = self.folder / name
             if path.is_file():
                 state = load_checkpoint(path)
@@ -140,13 +141,13 @@ class Checkpointer(Callback):
         # last.pt and redoes this epoch, rewriting best.pt, instead of trusting a best
         # score whose best.pt was never written.
         if trainer.improved:
-            save_checkpoint(self.folder / "best.pt", state)
+            save_checkpoint(self.folder / BEST_CHECKPOINT, state)
         if self.keep_last > 0:
             save_checkpoint(self.folder / f"epoch-{trainer.epoch:04d}.pt", state)
             epochs = sorted(self.folder.glob("epoch-*.pt"))
             for old in epochs[: -self.keep_last]:
                 old.unlink(missing_ok=True)
-        save_checkpoint(self.folder / "last.pt", state)
+        save_checkpoint(self.folder / LAST_CHECKPOINT, state)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

@@ -14,6 +14,7 @@ from visiontrain.data.loaders import check_sampler
 from visiontrain.data.pipeline import Loaders, build_loaders
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
+from visiontrain.data.user import DatasetSource
 from visiontrain.data.workers import resolve_num_workers, set_cpu_threads
 from visiontrain.engine.distributed import current
 from visiontrain.engine.optim import build_optimizer
@@ -75,11 +76,18 @@ class Parts:
     notes: list[str]
 
 
-def build_parts(cfg: Config) -> Parts:
+def build_parts(
+    cfg: Config, model: nn.Module | None = None, data: DatasetSource | None = None
+) -> Parts:
     """Seed, then build data, task, model, optimizer and loaders (no schedule, nothing written).
 
     Shared by ``train`` and ``lr-find`` so that both see the same initial weights and the
     same batches for the same config.
+
+    Args:
+        cfg: The resolved config.
+        model: A user's own module instead of ``model.name``.
+        data: A user's Datasets (``vt.data.from_datasets``) instead of ``data.name``.
     """
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
@@ -89,7 +97,7 @@ def build_parts(cfg: Config) -> Parts:
     task_class(cfg.task)  # an unknown task is named before any data is read
     check_sampler(cfg.data, cfg.task)
     check_augment_on(cfg.data.augment_on, cfg.data.augment, cfg.task)
-    bundle = build_data(cfg.data, cfg.task)
+    bundle = data.build(cfg.data, cfg.task) if data is not None else build_data(cfg.data, cfg.task)
     if cfg.data.num_workers == "auto":
         # Resolved once, here: everything after this (threads, loaders, config.yaml, the
         # checkpoint's config) sees the measured integer.
@@ -99,7 +107,9 @@ def build_parts(cfg: Config) -> Parts:
         set_cpu_threads(device, cfg.data.num_workers)
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
-    model = build_model(cfg, bundle, device)
+    model = build_model(cfg, bundle, device, model)
+    if data is not None or model is not None:
+        check_outputs(cfg, bundle, model, device)
     notes: list[str] = []
     dist = current()
     if cfg.train.sync_bn:
@@ -155,3 +165,42 @@ def build_step(
         grad_clip_norm=cfg.train.grad_clip_norm,
         grad_clip_value=cfg.train.grad_clip_value,
     )
+
+
+def check_outputs(cfg: Config, bundle: DataBundle, model: nn.Module, device: torch.device) -> None:
+    """Refuse a model whose output does not fit the data, before anything trains or is written.
+
+    A user's own module or Datasets can disagree on the class or target count; the loss
+    would fail at the first step with a shape error, or (worse) broadcast silently. One
+    eval-mode forward of a tiny batch (no gradients, no state change) says it plainly.
+
+    Raises:
+        ConfigError: the output's last dimension is not the number of classes or targets.
+    """
+    if cfg.task != "classification" and cfg.task != "regression":
+        return  # detectors and segmenters answer in their own structures
+    size = bundle.image_size
+    x = torch.zeros((2, bundle.in_channels, size, size), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(memory_format=torch.channels_last) if cfg.train.channels_last else x)
+    except Exception as exc:  # any failure of the user's forward on the run's input
+        raise ConfigError(
+            f"{type(model).__name__} fails on a batch of the run's images (2, "
+            f"{bundle.in_channels}, {size}, {size}): {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Make its input "
+            f"layer take {bundle.in_channels} channels at {size} px (data.image_size)."
+        ) from None
+    finally:
+        model.train(was_training)
+    want = bundle.num_outputs
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 2 or shape[1] != want:
+        what = "targets" if cfg.task == "regression" else "classes"
+        raise ConfigError(
+            f"{type(model).__name__} returns outputs of shape {shape} for a batch of 2; the "
+            f"data has {want} {what} ({', '.join(bundle.target_names or bundle.class_names)}), "
+            f"so it must return (batch, {want}). Change its last layer to {want} outputs."
+        )

@@ -15,16 +15,17 @@ from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.checkpoint import eval_weights, load_checkpoint
 from visiontrain.engine.step import BatchPrep
 from visiontrain.errors import CheckpointError, UserError
-from visiontrain.models.build import build_model
+from visiontrain.models.build import build_model, user_model_class
+from visiontrain.rundir import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
     """A run directory means its ``checkpoints/best.pt`` (else ``last.pt``)."""
     path = Path(target).expanduser()
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            if (path / CHECKPOINTS_DIR / name).is_file():
+                return path / CHECKPOINTS_DIR / name
         raise UserError(f"{path} holds no checkpoints/best.pt or last.pt; is it a run directory?")
     return path
 
@@ -59,8 +60,21 @@ class Loaded:
         return BatchPrep(self.device, self.normalizer, self.cfg.train.channels_last)
 
 
-def load_trained(target: str | Path, overrides: list[str] | None = None) -> Loaded:
-    """Rebuild the model of a checkpoint and load its weights (weights_only, verified)."""
+def load_trained(
+    target: str | Path, overrides: list[str] | None = None, model: nn.Module | None = None
+) -> Loaded:
+    """Rebuild the model of a checkpoint and load its weights (weights_only, verified).
+
+    Args:
+        target: A run directory (its best.pt, else last.pt) or a checkpoint file.
+        overrides: ``key=value`` changes to the checkpoint's config (``data.root=...``).
+        model: The module to load the weights into; required for a checkpoint of a
+            user's own module (its class is not something a checkpoint can rebuild).
+
+    Raises:
+        CheckpointError: the file is missing, damaged or foreign, a user's module is
+            needed but not given, or the weights do not fit the module.
+    """
     path = resolve_checkpoint(target)
     state = load_checkpoint(path)
     try:
@@ -82,13 +96,27 @@ def load_trained(target: str | Path, overrides: list[str] | None = None) -> Load
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
     )
-    cfg_model = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
-    model = build_model(cfg_model, shell, device)
+    own = user_model_class(cfg.model.name)
+    if model is None and own is not None:
+        raise CheckpointError(
+            f"checkpoint {path} holds the weights of your own module {own}, which a "
+            f"checkpoint cannot rebuild; pass one built as for training: "
+            f"vt.load({str(target)!r}, model={own}(...))."
+        )
+    if model is not None:
+        model = model.to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    else:
+        cfg_model = cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"pretrained": False})}
+        )
+        model = build_model(cfg_model, shell, device)
     try:
         model.load_state_dict(eval_weights(state))
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {path}: weights do not fit model {cfg.model.name} "
+            f"checkpoint {path}: weights do not fit model {own or cfg.model.name} "
             f"({str(exc).splitlines()[0]})."
         ) from None
     model.eval()

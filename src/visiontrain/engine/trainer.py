@@ -41,6 +41,8 @@ from visiontrain.errors import (
     Interrupted,
     RunError,
 )
+from visiontrain.models.build import user_model_class
+from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visiontrain.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.tasks.base import Task
 from visiontrain.tasks.metrics import HEADLINE_ORDER
@@ -184,7 +186,10 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         self._fire("on_fit_start")
-        if self.nan.checks_every_update and not (self.checkpointer.folder / "last.pt").is_file():
+        if (
+            self.nan.checks_every_update
+            and not (self.checkpointer.folder / LAST_CHECKPOINT).is_file()
+        ):
             # A rollback needs a good state to return to, also in the first epoch.
             self.checkpointer.save_last(self)
         while True:
@@ -289,6 +294,11 @@ class Trainer:
         return metrics
 
     @property
+    def user_model(self) -> bool:
+        """Whether the model is a user's own module (``vt.build_trainer(model=...)``)."""
+        return user_model_class(self.cfg.model.name) is not None
+
+    @property
     def eval_model(self) -> nn.Module:
         """The weights evaluated and kept as best: the EMA when ``train.ema`` is on."""
         return self.ema.module if self.ema is not None else self.model
@@ -346,7 +356,7 @@ class Trainer:
             )
         from visiontrain.engine.checkpoint import load_checkpoint
 
-        path = self.checkpointer.folder / "last.pt"
+        path = self.checkpointer.folder / LAST_CHECKPOINT
         self.nan.start_rollback()
         kept = self.nan.state_dict()
         state = self.dist.run_on_main(lambda: load_checkpoint(path))
@@ -442,7 +452,7 @@ class Trainer:
         self.results["val_last"] = metrics
 
     def _restore_best(self) -> None:
-        best = self.checkpointer.folder / "best.pt"
+        best = self.checkpointer.folder / BEST_CHECKPOINT
         # Every rank knows whether there is a best epoch (they saw the same metrics); only
         # rank 0 reads the file, then broadcasts the weights (no shared disk needed).
         if self.checkpointer.best_epoch is not None and (best.is_file() or not self.dist.is_main):

@@ -42,6 +42,7 @@ from visiontrain.export.artifact import (
     is_artifact,
     read_meta,
 )
+from visiontrain.rundir import CHECKPOINTS_DIR
 
 FORMATS = ("pt2", "onnx")
 DEFAULT_TOLERANCE = 1e-4
@@ -497,7 +498,7 @@ _DETECTION_LIMITS = (
 
 def _run_dir(ckpt: Path) -> Path:
     """The run directory of ``run/checkpoints/x.pt``, else the checkpoint's folder."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt.parent
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -7,13 +7,58 @@ from torch import nn
 
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
+from visiontrain.errors import ConfigError
 from visiontrain.models import create_model
 from visiontrain.models.init import init_weights
 
+# ``model.name`` of a run that trained a user's own module: the prefix and its class name.
+USER_MODEL_PREFIX = "custom:"
 
-def build_model(cfg: Config, bundle: DataBundle, device: torch.device) -> nn.Module:
-    """The configured model, initialised, on ``device``."""
+
+def user_model_name(model: nn.Module) -> str:
+    """The ``model.name`` a run records for a user's own module."""
+    return f"{USER_MODEL_PREFIX}{type(model).__name__}"
+
+
+def user_model_class(name: str) -> str | None:
+    """The class name of a user's module from a recorded ``model.name``, else None."""
+    return name[len(USER_MODEL_PREFIX) :] if name.startswith(USER_MODEL_PREFIX) else None
+
+
+# Options that shape a registered model; a user's own module is already built.
+_SHAPE_KEYS = ("pretrained", "dropout", "drop_path", "width", "depth", "norm", "encoder")
+
+
+def build_model(
+    cfg: Config, bundle: DataBundle, device: torch.device, model: nn.Module | None = None
+) -> nn.Module:
+    """The configured model (or the user's ``model``), initialised, on ``device``.
+
+    Args:
+        cfg: The resolved config (``model.*``, ``train.channels_last``).
+        bundle: The data (class count, channels, image size of a registered model).
+        device: Where the model goes.
+        model: A user's own module, used as it is: ``model.init`` (default: keep its own
+            initialisation) and ``channels_last`` still apply.
+
+    Raises:
+        ConfigError: a ``model.*`` option that shapes a registered model was set for a
+            user's own module (it would be ignored).
+    """
     m = cfg.model
+    if model is not None:
+        shaping = [k for k in _SHAPE_KEYS if k in m.model_fields_set]
+        if shaping:
+            keys = ", ".join(f"model.{k}" for k in shaping)
+            raise ConfigError(
+                f"{keys} shape a registered model; your own {type(model).__name__} is used "
+                "as built, so they would be ignored. Remove them (or build them into it)."
+            )
+        init_weights(model, m.init)
+        model = model.to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
     model = create_model(
         m.name,
         num_classes=bundle.num_outputs,

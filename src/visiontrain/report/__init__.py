@@ -19,15 +19,21 @@ from visiontrain.report.command import add_parser
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from visiontrain.report.samples import SampleSource
+
 __all__ = ["add_parser", "write_report"]
 
 
-def write_report(run_dir: Path, console: Console | None = None) -> Path:
+def write_report(
+    run_dir: Path, console: Console | None = None, source: SampleSource | None = None
+) -> Path:
     """Write ``report.html`` and ``plots/*.png`` into a run directory.
 
     Args:
         run_dir: The run directory (as printed by ``visiontrain train``).
         console: Where to print the one-line result; None prints nothing.
+        source: The trained module and data of a run in this process (a user's own
+            module or Datasets, which the run directory alone cannot rebuild).
 
     Returns:
         The path of ``report.html``.
@@ -39,4 +45,4 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
     """
     from visiontrain.report.write import write_report as _write
 
-    return _write(Path(run_dir), console)
+    return _write(Path(run_dir), console, source)

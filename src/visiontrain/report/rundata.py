@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from visiontrain.errors import UserError
+from visiontrain.rundir import (
+    BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+)
 from visiontrain.tracking.jsonl import read_records
 
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_CHECKPOINT = Path("checkpoints") / "best.pt"
+BEST_CHECKPOINT_PATH = Path(CHECKPOINTS_DIR) / BEST_CHECKPOINT
 
 
 @dataclass
@@ -52,7 +56,7 @@ class RunData:
     @property
     def best_checkpoint(self) -> Path:
         """Where the best checkpoint lives (it may not exist)."""
-        return self.path / BEST_CHECKPOINT
+        return self.path / BEST_CHECKPOINT_PATH
 
     @property
     def monitor(self) -> str:

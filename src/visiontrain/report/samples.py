@@ -6,13 +6,29 @@ rebuilt report shows the same images), which keeps a report to seconds on a CPU.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from visiontrain.data.sources import DataBundle
 from visiontrain.errors import UserError
 from visiontrain.report.rundata import RunData
+
+
+@dataclass
+class SampleSource:
+    """What a report draws its per-image figures with when the run is in this process.
+
+    Attributes:
+        model: A module of the run's architecture (a copy receives the best weights).
+        bundle: The run's data, when the config alone cannot rebuild it (Datasets).
+    """
+
+    model: nn.Module | None = None
+    bundle: DataBundle | None = None
 
 
 @dataclass
@@ -48,12 +64,13 @@ def _unbatch(value: Any) -> list[Any]:
     ]
 
 
-def collect_samples(run: RunData, limit: int) -> Samples:
+def collect_samples(run: RunData, limit: int, source: SampleSource | None = None) -> Samples:
     """Run the best checkpoint on the first ``limit`` validation images.
 
     Args:
         run: The run (its ``checkpoints/best.pt`` and its data are used).
         limit: Most images to run.
+        source: The run's module and data when they are at hand (a user's own).
 
     Raises:
         UserError: No best checkpoint, or the data cannot be built (moved, deleted).
@@ -67,13 +84,15 @@ def collect_samples(run: RunData, limit: int) -> Samples:
 
     if not run.best_checkpoint.is_file():
         raise UserError(f"{run.best_checkpoint} does not exist")
-    loaded = load_trained(run.best_checkpoint)
+    source = source or SampleSource()
+    own = copy.deepcopy(source.model) if source.model is not None else None
+    loaded = load_trained(run.best_checkpoint, model=own)
     cfg = loaded.cfg
     # In-process loading: worker processes would cost more to start than a few hundred
     # images take to decode.
     data_cfg = cfg.data.model_copy(update={"num_workers": 0, "persistent_workers": False})
     cfg = cfg.model_copy(update={"data": data_cfg})
-    bundle = build_data(cfg.data, cfg.task)
+    bundle = source.bundle if source.bundle is not None else build_data(cfg.data, cfg.task)
     if bundle.val is None:
         raise UserError(f"data source {cfg.data.name} has no val split")
     task = build_task(cfg, bundle, loaded.device)

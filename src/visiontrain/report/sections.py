@@ -14,7 +14,7 @@ from visiontrain.errors import UserError
 from visiontrain.registry import Registry
 from visiontrain.report.figures import Plot
 from visiontrain.report.rundata import RunData
-from visiontrain.report.samples import Samples, collect_samples
+from visiontrain.report.samples import Samples, SampleSource, collect_samples
 
 SectionBuilder = Callable[["ReportContext"], list[Plot]]
 # Keyed by task name; a report is not configured by a section name, hence no config key.
@@ -29,8 +29,9 @@ class ReportContext:
     :meth:`samples` gives None, so the figures that need no model are still drawn.
     """
 
-    def __init__(self, run: RunData) -> None:
+    def __init__(self, run: RunData, source: SampleSource | None = None) -> None:
         self.run = run
+        self.source = source
         self._samples: Samples | None = None
         self._tried = False
 
@@ -44,7 +45,7 @@ class ReportContext:
         if not self._tried:
             self._tried = True
             try:
-                self._samples = collect_samples(self.run, limit)
+                self._samples = collect_samples(self.run, limit, self.source)
             except UserError as exc:
                 self.run.notes.append(f"no per-image figures: {exc}".rstrip(".") + ".")
             except Exception as exc:

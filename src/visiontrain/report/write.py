@@ -13,14 +13,13 @@ from visiontrain.report.curves import comparison_curves, training_curves
 from visiontrain.report.figures import Plot
 from visiontrain.report.page import render_run_page
 from visiontrain.report.rundata import RunData, RunSummary, load_run
+from visiontrain.report.samples import SampleSource
 from visiontrain.report.sections import ReportContext, task_plots
+from visiontrain.rundir import METRICS_FILE, PLOTS_DIR, REPORT_FILE
 from visiontrain.tracking.jsonl import read_records
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
 
 
 def _write_plots(folder: Path, plots: Sequence[Plot]) -> None:
@@ -34,12 +33,14 @@ def _write_plots(folder: Path, plots: Sequence[Plot]) -> None:
         atomic_write(folder / f"{plot.name}.png", lambda fh, png=plot.png: fh.write(png))
 
 
-def write_report(run_dir: Path, console: Console | None = None) -> Path:
+def write_report(
+    run_dir: Path, console: Console | None = None, source: SampleSource | None = None
+) -> Path:
     """Build the figures and page of one run; see :func:`visiontrain.report.write_report`."""
     start = time.perf_counter()
     run = load_run(run_dir)
     curves = training_curves(run)
-    evaluation = task_plots(ReportContext(run))
+    evaluation = task_plots(ReportContext(run, source))
     html = render_run_page(run, curves, evaluation)
     _write_plots(run.path / PLOTS_DIR, [*curves, *evaluation])
     out = run.path / REPORT_FILE
@@ -67,9 +68,7 @@ def write_comparison_html(
     Returns:
         ``out``.
     """
-    runs = [
-        RunData(s.path, {}, s.summary, read_records(s.path / "metrics.jsonl")) for s in summaries
-    ]
+    runs = [RunData(s.path, {}, s.summary, read_records(s.path / METRICS_FILE)) for s in summaries]
     plots = comparison_curves(runs, [s.name for s in summaries])
     atomic_write_text(out, render_comparison_page(comparison, tables, plots))
     return out

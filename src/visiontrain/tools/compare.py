@@ -27,6 +27,7 @@ from rich.table import Table
 
 from visiontrain.errors import EXIT_OK, UserError
 from visiontrain.report.rundata import RunSummary
+from visiontrain.rundir import SUMMARY_FILE
 from visiontrain.tasks.metrics import (
     HEADLINE_ORDER,
     NOT_HEADLINE,
@@ -35,7 +36,6 @@ from visiontrain.tasks.metrics import (
 )
 
 SPLITS = ("test", "val")
-SUMMARY_FILE = "summary.json"
 MISSING = "—"
 
 

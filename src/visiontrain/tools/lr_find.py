@@ -38,6 +38,7 @@ from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.parts import build_step
 from visiontrain.errors import EXIT_OK, DataError, UserError
 from visiontrain.io import atomic_write, atomic_write_json
+from visiontrain.rundir import LR_FIND_JSON, LR_FIND_PNG
 from visiontrain.seed import capture_rng, restore_rng
 
 if TYPE_CHECKING:  # build.py imports this module for `optim.lr=find`
@@ -420,9 +421,9 @@ def plot_png(result: LRFindResult) -> bytes:
 def write_lr_find(result: LRFindResult, folder: Path) -> None:
     """Write ``lr_find.json`` and ``lr_find.png`` into ``folder``, each atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "lr_find.json", result.to_dict())
+    atomic_write_json(folder / LR_FIND_JSON, result.to_dict())
     png = plot_png(result)
-    atomic_write(folder / "lr_find.png", lambda fh: fh.write(png))
+    atomic_write(folder / LR_FIND_PNG, lambda fh: fh.write(png))
 
 
 def output_dir(cfg: Config) -> Path:

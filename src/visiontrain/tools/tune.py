@@ -45,6 +45,7 @@ from visiontrain.config import (
 from visiontrain.engine.callbacks import Callback
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, ConfigError, Interrupted, UserError
 from visiontrain.io import atomic_write, atomic_write_json, atomic_write_text
+from visiontrain.rundir import TUNE_BEST
 
 if TYPE_CHECKING:
     from visiontrain.engine.signals import StopFlag
@@ -176,7 +177,7 @@ def _check_space(search: Search) -> str:
     A bound that the schema refuses (``optim.lr`` above 10) or a choice that does not build
     (an unknown ``loss.name``) would fail every trial that draws it; failing here names it.
     """
-    from visiontrain.api import build_trainer
+    from visiontrain.api import assemble
 
     quiet = Console(quiet=True)
     corner = {k: next(iter(spec.values()))[0] for k, spec in search.space.items()}
@@ -190,7 +191,7 @@ def _check_space(search: Search) -> str:
                 ) from None
             if "choice" in spec or value == corner[key]:
                 # Names (losses, models, optimizers) are only checked when built.
-                build_trainer(cfg, quiet, check_only=True)
+                assemble(cfg, quiet, check_only=True)
     cfg = trial_config(search, corner, "trial-check")
     mode = cfg.train.monitor_mode
     if mode == "auto":
@@ -424,7 +425,7 @@ def run_trial(search: Search, trial: optuna.Trial, stop_flag: StopFlag) -> float
         TrialFailedError: the run failed at run time or never produced a finite score.
 
     """
-    from visiontrain.api import build_trainer, fit_and_summarise
+    from visiontrain.api import assemble, fit_and_summarise
 
     target = search.cfg.tune.trials
     # Trial numbers are handed out in order by the database, so counting the trials before
@@ -440,7 +441,7 @@ def run_trial(search: Search, trial: optuna.Trial, stop_flag: StopFlag) -> float
     start = time.perf_counter()
     trainer = None
     try:
-        trainer = build_trainer(cfg, Console(quiet=True), stop_flag=stop_flag)
+        trainer = assemble(cfg, Console(quiet=True), stop_flag=stop_flag)
         assert trainer is not None
         trainer.callbacks.append(PruneCallback(trial))
         summary = fit_and_summarise(trainer, start)
@@ -579,7 +580,7 @@ def write_outputs(search: Search, study: optuna.Study) -> tuple[list[dict[str, A
             "run_dir": row["run_dir"],
             "study": search.study_name,
         }
-        atomic_write_json(search.folder / "best.json", best)
+        atomic_write_json(search.folder / TUNE_BEST, best)
     plot_history(rows, search, search.folder / "tune_history.png")
     plot_params(rows, search, search.folder / "tune_params.png")
     return rows, best

@@ -30,6 +30,15 @@ from typing import TYPE_CHECKING, Any
 from visiontrain.config import Config, all_keys
 from visiontrain.engine.callbacks import Callback
 from visiontrain.errors import ConfigError
+from visiontrain.rundir import (
+    BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    PLOTS_DIR,
+    REPORT_FILE,
+    SUMMARY_FILE,
+)
 from visiontrain.version import __version__
 
 if TYPE_CHECKING:
@@ -370,16 +379,16 @@ class MlflowLogger(Callback):
     def _log_artifacts(self) -> None:
         assert self.client is not None and self.run_id is not None
         run_dir = self.run_dir
-        for name in ("config.yaml", "summary.json", "report.html"):
+        for name in (CONFIG_FILE, SUMMARY_FILE, REPORT_FILE):
             if (run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
-        if (run_dir / "plots").is_dir():
-            self.client.log_artifacts(self.run_id, str(run_dir / "plots"), "plots")
+        if (run_dir / PLOTS_DIR).is_dir():
+            self.client.log_artifacts(self.run_id, str(run_dir / PLOTS_DIR), PLOTS_DIR)
         # The weights predict/eval read: best.pt, or last.pt when no evaluation improved.
-        for name in ("best.pt", "last.pt"):
-            path = run_dir / "checkpoints" / name
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            path = run_dir / CHECKPOINTS_DIR / name
             if path.is_file():
-                self.client.log_artifact(self.run_id, str(path), "checkpoints")
+                self.client.log_artifact(self.run_id, str(path), CHECKPOINTS_DIR)
                 break
 
 
