@@ -230,8 +230,8 @@ def test_a_check_that_raises_becomes_an_error_and_the_rest_still_run(
     def broken(_ctx: doctor.DoctorContext) -> list[Finding]:
         raise RuntimeError("planted")
 
-    monkeypatch.setitem(doctor._CHECKS, "data.readable", broken)
-    findings = _run(_cfg(), ["data.class_balance", "data.readable", "data.image_sizes"])
+    with doctor._CHECKS.override("data.readable", broken):
+        findings = _run(_cfg(), ["data.class_balance", "data.readable", "data.image_sizes"])
     levels = _levels(findings)
     assert levels["data.readable"] == "error"
     assert "RuntimeError: planted" in findings[1].message

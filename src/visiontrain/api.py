@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from visiontrain.config import Config, all_keys, build_config, read_yaml, set_values, suggest_key
+from visiontrain.config import Config, build_config, read_yaml, set_values
 from visiontrain.data.user import SOURCE_NAME, DatasetSource
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
@@ -362,6 +362,8 @@ def resolve_config(
         ConfigError: an unknown key (with the nearest valid one), a wrong type or value.
     """
     if isinstance(config, Config):
+        if not overrides and not keys:
+            return config.model_copy(deep=True)
         tree, source = config.to_dict(), "the Config given"
     elif isinstance(config, Mapping):
         tree, source = dict(config), "the dict given"
@@ -378,7 +380,6 @@ def resolve_config(
             else:
                 flat[key] = value
         cfg = build_config(set_values(cfg.to_dict(), flat), (), f"{source} + keyword arguments")
-        _refuse_unknown(flat)
     return cfg
 
 
@@ -391,16 +392,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _refuse_unknown(flat: Mapping[str, Any]) -> None:
-    """Refuse keyword keys the config does not have (validation may drop nothing silently)."""
-    known = set(all_keys())
-    for key in flat:
-        if key not in known and not any(k.startswith(f"{key}.") for k in known):
-            hint = suggest_key(key)
-            tip = f" — did you mean `{hint}`?" if hint else ""
-            raise ConfigError(f"unknown config key `{key}`{tip}")
 
 
 def refuse_tune_keys(overrides: Sequence[str]) -> None:

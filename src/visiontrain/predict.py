@@ -35,6 +35,12 @@ def _image(item: Any, channels: int) -> torch.Tensor:
     """A uint8 CHW tensor from a path, a PIL image, a numpy array or a tensor."""
     if isinstance(item, str | Path):
         return decode_file(Path(item), channels)
+    if channels == 1 and getattr(item, "ndim", 0) == 3 and 3 in (item.shape[0], item.shape[-1]):
+        # An RGB array or tensor for a grey model: the luma a file decodes to.
+        from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+        rgb = to_uint8_chw(item, 3, f"the image given ({type(item).__name__})")
+        return rgb_to_grayscale(rgb)
     return to_uint8_chw(item, channels, f"the image given ({type(item).__name__})")
 
 

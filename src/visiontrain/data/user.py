@@ -65,7 +65,7 @@ def to_uint8_chw(image: Any, channels: int, where: str) -> torch.Tensor:
             image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise DataError(
-            f"{where} yields an image of type {type(image).__name__}; yield a uint8 tensor "
+            f"{where} is an image of type {type(image).__name__}; yield a uint8 tensor "
             "(C, H, W or H, W, C), a uint8 numpy array or a PIL image."
         )
     if image.dtype != torch.uint8:
@@ -84,8 +84,9 @@ def to_uint8_chw(image: Any, channels: int, where: str) -> torch.Tensor:
         image = image.expand(3, -1, -1)
     if image.shape[0] != channels:
         raise DataError(
-            f"{where} yields an image with {image.shape[0]} channels; this source has "
-            f"{channels} (from its first training image). Yield the same number everywhere."
+            f"{where} has {image.shape[0]} channels where {channels} are expected (a "
+            "source takes the channel count of its first training image). Give every "
+            "image the same number (a PIL image: .convert('RGB') or .convert('L'))."
         )
     return image.contiguous()
 

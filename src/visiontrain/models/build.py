@@ -47,7 +47,10 @@ def build_model(
     """
     m = cfg.model
     if model is not None:
-        shaping = [k for k in _SHAPE_KEYS if k in m.model_fields_set]
+        # Compared with the defaults (not fields_set): a config round-tripped through a
+        # dict (a checkpoint, vt.resolve_config) marks every key as set.
+        defaults = type(m).model_fields
+        shaping = [k for k in _SHAPE_KEYS if getattr(m, k) != defaults[k].default]
         if shaping:
             keys = ", ".join(f"model.{k}" for k in shaping)
             raise ConfigError(

@@ -43,8 +43,9 @@ from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.parts import Parts, build_parts, build_prep, build_step, buildable_optim
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.step import BatchPrep, Step
-from visiontrain.errors import EXIT_FAILURE, EXIT_OK, ConfigError, DataError, did_you_mean
+from visiontrain.errors import EXIT_FAILURE, EXIT_OK, DataError
 from visiontrain.io import atomic_write_json
+from visiontrain.registry import Registry
 
 Level = Literal["ok", "warning", "error"]
 LEVELS: tuple[Level, ...] = ("ok", "warning", "error")
@@ -176,7 +177,8 @@ class DoctorContext:
 
 
 CheckFn = Callable[[DoctorContext], list[Finding]]
-_CHECKS: dict[str, CheckFn] = {}
+# Run in registration order; `doctor --check NAME` picks some.
+_CHECKS: Registry[CheckFn] = Registry("doctor check", "--check")
 
 
 def register_check(name: str) -> Callable[[CheckFn], CheckFn]:
@@ -185,14 +187,7 @@ def register_check(name: str) -> Callable[[CheckFn], CheckFn]:
     Args:
         name: Dotted name shown in the report (``area.what``).
     """
-
-    def deco(fn: CheckFn) -> CheckFn:
-        if name in _CHECKS:
-            raise ValueError(f"doctor check {name!r} is already registered")
-        _CHECKS[name] = fn
-        return fn
-
-    return deco
+    return _CHECKS.decorator(name)
 
 
 def list_checks() -> list[str]:
@@ -1117,10 +1112,7 @@ def run_doctor(
     names = list_checks()
     if checks is not None:
         for c in checks:
-            if c not in _CHECKS:
-                raise ConfigError(
-                    f"unknown doctor check `{c}`{did_you_mean(c, names)} Known: {', '.join(names)}."
-                )
+            _CHECKS.get(c)  # an unknown name is refused with the nearest one
         names = [n for n in names if n in checks]
     if parts is None:
         parts = build_parts(cfg)
@@ -1129,7 +1121,7 @@ def run_doctor(
     for name in names:
         start = time.perf_counter()
         try:
-            found = _CHECKS[name](ctx)
+            found = _CHECKS.get(name)(ctx)
         except Exception as exc:  # one broken check must not hide the others' findings
             found = [
                 Finding(
