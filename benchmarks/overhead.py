@@ -14,7 +14,7 @@ What is compared
       permutation), ``model.train()``, ``zero_grad(set_to_none=True)``, forward,
       cross entropy, backward, ``step``. No logging, no host syncs.
     * ``trainer``: the real :class:`visiontrain.engine.trainer.Trainer`, built through the
-      normal path (``build_config`` + ``build_trainer``) with every callback the CLI
+      normal path (``build_config`` + ``assemble``) with every callback the CLI
       installs: ``metrics.jsonl``, TensorBoard, checkpointer and the progress printer
       (``--progress bar``, the default, or ``plain``). ``train.log_every`` keeps its
       default (10), so logging, the grad-norm and the one host sync per interval are in.
@@ -61,7 +61,7 @@ Method
     (below 1: visiontrain is the faster), and last the headline ``ratio trainer/raw:
     X.XX``, the ratio of the median wall times.
 
-    ``build_trainer`` sets torch's thread count for the run (``OMP_NUM_THREADS`` if set,
+    ``assemble`` sets torch's thread count for the run (``OMP_NUM_THREADS`` if set,
     else the cores left free by loader workers); ``--threads N`` overrides it after the
     build, for every contender. ``--profile DIR`` runs cProfile over extra epochs after
     the timed rounds (never during them). ``--drop NAME`` removes one of the Trainer's
@@ -98,7 +98,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import private_cache
-from visiontrain.api import build_trainer
+from visiontrain.api import assemble
 from visiontrain.config import build_config
 from visiontrain.engine.trainer import Trainer
 from visiontrain.models import create_model
@@ -173,7 +173,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch intra-op threads for both contenders (default: what build_trainer "
+        help="torch intra-op threads for both contenders (default: what assemble "
         "chooses, i.e. OMP_NUM_THREADS or the cores left free by loader workers)",
     )
     p.add_argument(
@@ -536,10 +536,10 @@ def measure(s: Settings, tmp: Path) -> dict[str, Samples]:
         console = Console(file=sink, force_terminal=s.progress == "bar", width=120)
         with private_cache(tmp / "cache"):
             cfg = build_config(overrides=trainer_overrides(s, tmp / "runs"))
-            trainer = build_trainer(cfg, console)
+            trainer = assemble(cfg, console)
         if trainer is None:  # only with check_only=True
-            raise RuntimeError("build_trainer returned no trainer")
-        # build_trainer sets torch's thread count for the run (set_cpu_threads), so an
+            raise RuntimeError("assemble returned no trainer")
+        # assemble sets torch's thread count for the run (set_cpu_threads), so an
         # explicit --threads is applied after it; one process, so both contenders share it.
         if s.threads is not None:
             torch.set_num_threads(s.threads)

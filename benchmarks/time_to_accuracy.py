@@ -5,7 +5,7 @@ What is compared
     uint8 images, the same on-device normalisation with the data set's mean and std):
 
     * ``visiontrain``: the shipped config as ``visiontrain train configs/<name>.yaml``
-      runs it (``build_config`` + ``build_trainer``, every callback, its own validation
+      runs it (``build_config`` + ``assemble``, every callback, its own validation
       each epoch, early stopping, schedule, augmentation).
     * ``reference``: the recipe of the seed material's MNIST exercise, written here
       from its description: a small conv net (two stages of 3x3 conv, BatchNorm, ReLU
@@ -37,7 +37,7 @@ What is timed
 Method
     For each seed, for each data set: visiontrain, then the reference, alternating,
     so that drift in machine load hits both alike; all in one process with the torch
-    thread count ``build_trainer`` chooses (both recipes use it). Reported: per-seed
+    thread count ``assemble`` chooses (both recipes use it). Reported: per-seed
     time and epoch, the median time to target per recipe and data set (a recipe that
     missed the target on a seed counts as infinitely slow), and the ratio
     ``reference/visiontrain`` of the medians (above 1: visiontrain is the faster).
@@ -67,7 +67,7 @@ from rich.console import Console
 from torch import nn
 
 from common import private_cache
-from visiontrain.api import build_trainer
+from visiontrain.api import assemble
 from visiontrain.config import Config, load_config
 from visiontrain.data import DataBundle, build_data
 from visiontrain.data.pipeline import build_loaders
@@ -193,13 +193,13 @@ class TestEveryEpoch(Callback):
 
 
 def run_visiontrain(dataset: str, s: Settings, seed: int, tmp: Path) -> Outcome:
-    """The shipped config through ``build_trainer`` and ``fit``, tested every epoch."""
+    """The shipped config through ``assemble`` and ``fit``, tested every epoch."""
     metric, target = TARGETS[dataset][0], s.targets[dataset]
     cfg = config_for(
         dataset, s, seed, [f"run.dir={tmp}", f"run.name={dataset}-vt-{seed}", "train.progress=none"]
     )
     with open(os.devnull, "w") as sink:
-        trainer = build_trainer(cfg, Console(file=sink))
+        trainer = assemble(cfg, Console(file=sink))
         assert trainer is not None
         probe = TestEveryEpoch(metric, target)
         # Last in the list: an epoch's own end-of-epoch work (the checkpoint files) is on
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seed in s.seeds:
                 for dataset in s.datasets:
                     vt = run_visiontrain(dataset, s, seed, tmp / "runs")
-                    # build_trainer set the thread count; the reference runs with the same.
+                    # assemble set the thread count; the reference runs with the same.
                     threads = torch.get_num_threads()
                     ref = run_reference(dataset, s, seed)
                     outcomes += [vt, ref]
