@@ -203,3 +203,29 @@ def test_docstring_examples_run():
     for module in (visiontrain.api, visiontrain.data.user):
         failures, _ = doctest.testmod(module, extraglobs={"vt": vt}, optionflags=doctest.ELLIPSIS)
         assert failures == 0, module.__name__
+
+
+def test_own_objects_get_the_report_and_python_evaluation(cli, tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from own_model_script import TinyNet, data
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    cfg = {
+        "train": {"epochs": 1, "progress": "none"},
+        "data": {"batch_size": 8},
+        "run": {"dir": str(tmp_path), "name": "own"},
+    }
+    torch.manual_seed(0)
+    result = vt.build_trainer(cfg, model=TinyNet(), data=data()).fit()
+    # The report draws per-image figures from the user's module and Datasets.
+    assert (result.run_dir / "report.html").is_file()
+    assert (result.run_dir / "plots" / "worst_images.png").is_file()
+    assert result.summary["threshold"]["rule"]  # a binary task calibrates its threshold
+    val = vt.evaluate(result.run_dir, "val", model=TinyNet(), data=data())
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert val[key] == pytest.approx(result.metrics["val"][key], abs=1e-6), key
+    with pytest.raises(vt.CheckpointError, match=r"model=TinyNet\(\.\.\.\)"):
+        vt.evaluate(result.run_dir, "val", data=data())
+    r = cli("eval", result.run_dir)
+    assert r.code == 2 and "model=TinyNet(...)" in r.err

@@ -17,19 +17,22 @@ from rich.console import Console
 from torch import nn
 
 from visiontrain.config import Config, build_config, read_yaml, set_values
+from visiontrain.data import build_data
+from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.user import SOURCE_NAME, DatasetSource
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.distributed import Dist, current, distributed_session
 from visiontrain.engine.ema import ModelEma
+from visiontrain.engine.evaluate import evaluate as evaluate_loop
 from visiontrain.engine.parts import build_parts, buildable_optim
 from visiontrain.engine.precision import Precision
-from visiontrain.engine.restore import Loaded
+from visiontrain.engine.restore import Loaded, load_trained
 from visiontrain.engine.schedules import Horizon, build_schedule
 from visiontrain.engine.signals import StopFlag, graceful_stop
 from visiontrain.engine.trainer import Trainer
 from visiontrain.engine.wrap import TrainModel
-from visiontrain.errors import ConfigError
+from visiontrain.errors import ConfigError, UserError
 from visiontrain.export.artifact import Exported
 from visiontrain.io import atomic_write_json, atomic_write_text
 from visiontrain.models.build import user_model_name
@@ -47,6 +50,7 @@ from visiontrain.rundir import (
     TB_DIR,
     plan_run,
 )
+from visiontrain.tasks import build_task
 from visiontrain.tools.lr_find import resolve_lr_find, write_lr_find
 from visiontrain.tracking.envinfo import environment
 from visiontrain.tracking.jsonl import JsonlLogger
@@ -558,6 +562,64 @@ def train(
     refuse_tune_keys(overrides)
     cfg = resolve_config(config, overrides, keys)
     return Run(cfg, model, data, callbacks).fit()
+
+
+def evaluate(
+    target: str | Path,
+    split: str = "test",
+    *overrides: str,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    coco_results: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained run's best weights on one split, as ``visiontrain eval`` gives.
+
+    Example:
+        >>> vt.evaluate("runs/defects-1", "test")["macro_f1"]  # doctest: +SKIP
+
+    Args:
+        target: A run directory (its best.pt) or a checkpoint.
+        split: ``train``, ``val`` or ``test``.
+        *overrides: ``key=value`` changes to the run's config (``data.root=...``).
+        model: For a checkpoint of your own module: an instance to load the weights into.
+        data: For a run trained on Python Datasets: the same ``vt.data.from_datasets``.
+        coco_results: Detection: also write the split's detections as COCO results JSON.
+
+    Raises:
+        UserError: the data's classes differ from the checkpoint's, the split does not
+            exist, a run of Python Datasets without ``data=``, or ``coco_results`` for a
+            model that does not detect.
+    """
+    loaded = load_trained(target, list(overrides), model=model)
+    cfg = loaded.cfg
+    if data is None and cfg.data.name == SOURCE_NAME:
+        raise UserError(
+            f"{target} was trained on Python Datasets (vt.data.from_datasets), which a "
+            "checkpoint cannot rebuild; evaluate it in Python: vt.evaluate(run, split, "
+            "model=..., data=vt.data.from_datasets(...))."
+        )
+    bundle = data.build(cfg.data, cfg.task) if data is not None else build_data(cfg.data, cfg.task)
+    if (bundle.class_names, bundle.target_names) != (loaded.class_names, loaded.target_names):
+        have = bundle.class_names or bundle.target_names
+        want = loaded.class_names or loaded.target_names
+        raise UserError(
+            f"the data's classes or targets {have} differ from the checkpoint's {want}; "
+            "evaluate on data with the same classes."
+        )
+    if split not in ("train", "val", "test"):
+        raise UserError(f"split={split!r}: choose train, val or test.")
+    if getattr(bundle, split) is None:
+        raise UserError(f"data source {cfg.data.name} has no {split} split.")
+    task = build_task(cfg, bundle, loaded.device)
+    task.load_state_dict(loaded.task_state)
+    if coco_results and task.name != "detection":
+        raise UserError(f"coco results are detections; {target} is a {task.name} model.")
+    loader = getattr(build_loaders(cfg, bundle, loaded.device), split)
+    precision = Precision(cfg.train.precision, loaded.device)
+    metrics = evaluate_loop(loaded.model, loader, task, loaded.prep, precision)
+    if coco_results:
+        atomic_write_json(Path(coco_results), task.coco_results())
+    return metrics
 
 
 class Predictor:

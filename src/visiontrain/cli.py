@@ -94,38 +94,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    """Evaluate a checkpoint on a split of its data."""
-    from visiontrain.data import build_data
-    from visiontrain.data.pipeline import build_loaders
-    from visiontrain.engine.evaluate import evaluate
-    from visiontrain.engine.precision import Precision
-    from visiontrain.predict import load_trained
-    from visiontrain.tasks import build_task
+    """Evaluate a checkpoint on a split of its data (``vt.evaluate``)."""
+    from visiontrain.api import evaluate
 
-    loaded = load_trained(args.target, args.overrides)
-    cfg = loaded.cfg
-    bundle = build_data(cfg.data, cfg.task)
-    if (bundle.class_names, bundle.target_names) != (loaded.class_names, loaded.target_names):
-        have = bundle.class_names or bundle.target_names
-        want = loaded.class_names or loaded.target_names
-        raise UserError(
-            f"the data's classes or targets {have} differ from the checkpoint's {want}; "
-            "evaluate on data with the same classes."
-        )
-    split = getattr(bundle, args.split)
-    if split is None:
-        raise UserError(f"data source {cfg.data.name} has no {args.split} split.")
-    loader = build_loaders(cfg, bundle, loaded.device).__dict__[args.split]
-    task = build_task(cfg, bundle, loaded.device)
-    task.load_state_dict(loaded.state.get("task_state") or {})
-    if args.coco_results and task.name != "detection":
-        raise UserError(f"--coco-results writes detections; {args.target} is a {task.name} model.")
-    precision = Precision(cfg.train.precision, loaded.device)
-    metrics = evaluate(loaded.model, loader, task, loaded.prep, precision)
+    metrics = evaluate(args.target, args.split, *args.overrides, coco_results=args.coco_results)
     if args.coco_results:
-        from visiontrain.io import atomic_write_json
-
-        atomic_write_json(Path(args.coco_results), task.coco_results())
         console.print(f"COCO results JSON written to {args.coco_results}", highlight=False)
     if args.format == "json":
         print(json.dumps(metrics, indent=2))
@@ -138,7 +111,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     """Predict classes, values, boxes or masks for image files or folders."""
     from visiontrain.data.images import IMAGE_EXTENSIONS
-    from visiontrain.predict import load_for_predict, predict_files
+    from visiontrain.predict import draw_boxes, load_for_predict, predict_files, write_masks
 
     paths: list[Path] = []
     for item in args.images:
@@ -164,10 +137,10 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     rows = predict_files(loaded, paths, top_k=args.top_k, score_threshold=args.score_threshold)
     out_dir = Path(args.out)
     if task == "segmentation":
-        _write_masks(rows, out_dir)
+        write_masks(rows, out_dir)
         console.print(f"masks written to {out_dir}/ (PNG, class index per pixel)")
     if args.draw:
-        _draw_boxes(rows, out_dir, loaded.class_names)
+        draw_boxes(rows, out_dir, loaded.class_names)
         console.print(f"images with boxes written to {out_dir}/")
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -221,39 +194,6 @@ def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             flat.append(row)
     return flat
-
-
-def _write_masks(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """Save each predicted mask as a PNG of class indices; the row keeps its path."""
-    from PIL import Image
-
-    from visiontrain.io import atomic_write
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        path = out_dir / f"{Path(row['file']).stem}.png"
-        image = Image.fromarray(row["mask"].numpy())
-        atomic_write(path, lambda fh, image=image: image.save(fh, format="PNG"))
-        row["mask"] = str(path)
-
-
-def _draw_boxes(rows: list[dict[str, Any]], out_dir: Path, names: list[str]) -> None:
-    """Save each image with its detections drawn and labelled."""
-    import torch
-    from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
-
-    from visiontrain.data.images import decode_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        image = decode_file(Path(row["file"]), 3)
-        dets = row["detections"]
-        if dets:
-            boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float32)
-            labels = [f"{d['class']} {d['score']:.2f}" for d in dets]
-            image = draw_bounding_boxes(image, boxes, labels, width=2)
-        write_png(image, str(out_dir / f"{Path(row['file']).stem}.png"))
 
 
 def build_parser() -> argparse.ArgumentParser:

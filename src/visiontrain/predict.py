@@ -127,3 +127,36 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """One row per image file: its path and the task's prediction (``visiontrain predict``)."""
     return predict_images(loaded, list(paths), top_k, score_threshold)
+
+
+def write_masks(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Save each predicted mask as a PNG of class indices; the row keeps its path."""
+    from PIL import Image
+
+    from visiontrain.io import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        path = out_dir / f"{Path(row['file']).stem}.png"
+        image = Image.fromarray(row["mask"].numpy())
+        atomic_write(path, lambda fh, image=image: image.save(fh, format="PNG"))
+        row["mask"] = str(path)
+
+
+def draw_boxes(rows: list[dict[str, Any]], out_dir: Path, names: list[str]) -> None:
+    """Save each image with its detections drawn and labelled."""
+    import torch
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+
+    from visiontrain.data.images import decode_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        image = decode_file(Path(row["file"]), 3)
+        dets = row["detections"]
+        if dets:
+            boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float32)
+            labels = [f"{d['class']} {d['score']:.2f}" for d in dets]
+            image = draw_bounding_boxes(image, boxes, labels, width=2)
+        write_png(image, str(out_dir / f"{Path(row['file']).stem}.png"))

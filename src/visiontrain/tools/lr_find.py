@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,14 +35,11 @@ from torch.utils.data import DataLoader
 
 from visiontrain.config import Config
 from visiontrain.engine.optim import build_optimizer
-from visiontrain.engine.parts import build_step
+from visiontrain.engine.parts import Parts, build_parts, build_step, buildable_optim
 from visiontrain.errors import EXIT_OK, DataError, UserError
 from visiontrain.io import atomic_write, atomic_write_json
 from visiontrain.rundir import LR_FIND_JSON, LR_FIND_PNG
 from visiontrain.seed import capture_rng, restore_rng
-
-if TYPE_CHECKING:  # build.py imports this module for `optim.lr=find`
-    from visiontrain.engine.parts import Parts
 
 DEFAULT_START = 1e-7
 DEFAULT_END = 10.0
@@ -331,8 +328,6 @@ def find_lr(
     Returns:
         The result; the global RNG states are as they were before the call.
     """
-    from visiontrain.engine.parts import build_parts
-
     check_sweep(start, end, steps)
     # build_parts seeds every RNG from train.seed; the caller's streams come back after.
     rng = capture_rng()
@@ -359,8 +354,6 @@ def resolve_lr_find(cfg: Config, parts: Parts, console: Console) -> LRFindResult
     Returns:
         The test's result (for ``lr_find.json``/``lr_find.png`` in the run directory).
     """
-    from visiontrain.engine.parts import buildable_optim
-
     console.print(
         f"optim.lr=find: LR range test, {DEFAULT_STEPS} updates from {DEFAULT_START:g} "
         f"to {DEFAULT_END:g}",
