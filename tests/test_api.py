@@ -102,7 +102,8 @@ def test_vt_train_writes_the_numbers_of_visiontrain_train(tmp_path):
     args = [*TINY, f"run.dir={tmp_path}"]
     proc = run_subprocess("train", *args, "run.name=cli", env=ENV)
     assert proc.returncode == 0, proc.stderr
-    result = vt.train(None, *args, run={"name": "api"})
+    # data= as a dict is the config section (the Datasets go there as a DatasetSource).
+    result = vt.train(None, *args, run={"name": "api"}, data={"batch_size": 16})
     assert result.run_dir == tmp_path / "api"
     assert result.best_checkpoint == tmp_path / "api" / "checkpoints" / "best.pt"
     assert (
@@ -180,6 +181,23 @@ def test_bad_input_raises_typed_errors_and_writes_nothing(tmp_path):
         vt.build_trainer({"run": run}, model=_net(3), data=data).fit()
     with pytest.raises(vt.ConfigError, match=r"model.width"):
         vt.build_trainer({"run": run, "model": {"width": 8}}, model=_net(2), data=data).fit()
+    mask = torch.zeros(16, 16, dtype=torch.int64)
+    seg = vt.data.from_datasets(
+        _Shapes(target=mask), _Shapes(target=mask), classes=["bg", "fg"], task="segmentation"
+    )
+
+    class DictOut(nn.Module):  # a torchvision segmenter's habit
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"out": self.conv(x)}
+
+    with pytest.raises(vt.ConfigError, match=r"returns a dict.*\['out'\]"):
+        vt.build_trainer({"run": run, "task": "segmentation"}, model=DictOut(), data=seg).fit()
+    with pytest.raises(vt.ConfigError, match=r"tune= configures"):
+        vt.train(None, tune={"trials": 3}, run=run)
     with pytest.raises(vt.ConfigError, match=r"subclass of vt.Callback"):
         vt.build_trainer({"run": run}, callbacks=[object()])
     assert list(tmp_path.iterdir()) == []

@@ -45,7 +45,7 @@ def test_unknown_name_names_the_key_and_suggests_the_nearest() -> None:
 
 
 def test_unknown_name_without_a_close_match_only_lists() -> None:
-    with pytest.raises(ConfigError, match=r"`schedule\.name=zzz` Choose one of: cosine"):
+    with pytest.raises(ConfigError, match=r"`schedule\.name=zzz`\. Choose one of: cosine"):
         _schedules().get("zzz")
 
 
@@ -56,7 +56,7 @@ def test_error_class_narrowed_choices_and_tail() -> None:
     with pytest.raises(DataError, match="did you mean `digits`"):
         reg.get("digitz")
     err = reg.unknown("mnistt", among=["digits"], kind="tiny source", tail="Pick digits.")
-    assert str(err) == "unknown tiny source `data.name=mnistt` Pick digits."
+    assert str(err) == "unknown tiny source `data.name=mnistt`. Pick digits."
 
 
 def test_container_protocol_decorator_and_override() -> None:

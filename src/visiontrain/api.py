@@ -527,8 +527,8 @@ def build_trainer(
 def train(
     config: ConfigLike = None,
     *overrides: str,
-    model: nn.Module | None = None,
-    data: DatasetSource | None = None,
+    model: nn.Module | Mapping[str, Any] | None = None,
+    data: DatasetSource | Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     **keys: Any,
 ) -> TrainResult:
@@ -544,8 +544,10 @@ def train(
         config: A YAML path, a config dict, a :class:`Config`, or None (the defaults:
             the embedded defects data).
         *overrides: Dotted ``key=value`` strings.
-        model: Your own module instead of ``model.name`` (see :func:`build_trainer`).
-        data: Your own Datasets instead of ``data.name``.
+        model: Your own module instead of ``model.name`` (see :func:`build_trainer`), or
+            the ``model`` config section as a dict.
+        data: Your own Datasets instead of ``data.name``, or the ``data`` section as a
+            dict (``data={"batch_size": 32}``).
         callbacks: Extra :class:`Callback` instances.
         **keys: Sections as dicts (``train={"epochs": 2}``) or top-level keys
             (``task="regression"``).
@@ -560,6 +562,16 @@ def train(
         Interrupted: stopped by SIGINT/SIGTERM after saving ``last.pt``.
     """
     refuse_tune_keys(overrides)
+    if "tune" in keys:
+        raise ConfigError(
+            "tune= configures `visiontrain tune`; train does not read it. Drop it, or run "
+            "the search with `visiontrain tune`."
+        )
+    # data= and model= are a user's Datasets and module, or (as dicts) config sections.
+    if isinstance(data, Mapping):
+        keys["data"], data = data, None
+    if isinstance(model, Mapping):
+        keys["model"], model = model, None
     cfg = resolve_config(config, overrides, keys)
     return Run(cfg, model, data, callbacks).fit()
 

@@ -181,6 +181,7 @@ def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     {
                         "file": row["file"],
                         "class": det["class"],
+                        "category_id": det["category_id"],
                         "score": det["score"],
                         "x1": x1,
                         "y1": y1,

@@ -145,7 +145,7 @@ class Registry(Generic[T]):
         # The `unknown <kind>` opening is what users (and tests) grep for; did_you_mean
         # gives "" when nothing is close, leaving the sentence whole.
         return self.error(
-            f"unknown {kind or self.kind} `{named}`{did_you_mean(name, choices)} {tail}"
+            f"unknown {kind or self.kind} `{named}`{did_you_mean(name, choices) or '.'} {tail}"
         )
 
     def names(self) -> list[str]:

@@ -398,4 +398,5 @@ def build_coco(cfg: DataConfig, task: str) -> DataBundle:
         std=IMAGENET_STD,
         same_size=False,
         notes=notes,
+        category_ids=list(class_ids),
     )

@@ -236,6 +236,9 @@ class DataBundle:
     same_size: bool = True
     notes: list[str] = field(default_factory=list)
     target_names: list[str] = field(default_factory=list)
+    # The dataset's own category id of each class (COCO ids, gaps and order kept); empty
+    # when the source has none, and then the ids written out are 1..K.
+    category_ids: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

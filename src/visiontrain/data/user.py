@@ -58,7 +58,8 @@ def to_uint8_chw(image: Any, channels: int, where: str) -> torch.Tensor:
             ``where`` and the fix.
     """
     if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
-        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        # np.array copies: PIL's buffer is read-only, which torch.from_numpy warns about.
+        image = np.array(image.convert("RGB" if channels == 3 else "L"))
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
         if image.ndim == 3:  # numpy images are HWC

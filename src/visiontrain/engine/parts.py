@@ -170,6 +170,9 @@ def build_step(
 def check_outputs(cfg: Config, bundle: DataBundle, model: nn.Module, device: torch.device) -> None:
     """Refuse a model whose output does not fit the data, before anything trains or is written.
 
+    Classification and regression: ``(batch, classes or targets)``; segmentation:
+    ``(batch, classes, H, W)`` at the working size. Detectors are not probed.
+
     A user's own module or Datasets can disagree on the class or target count; the loss
     would fail at the first step with a shape error, or (worse) broadcast silently. One
     eval-mode forward of a tiny batch (no gradients, no state change) says it plainly.
@@ -177,8 +180,8 @@ def check_outputs(cfg: Config, bundle: DataBundle, model: nn.Module, device: tor
     Raises:
         ConfigError: the output's last dimension is not the number of classes or targets.
     """
-    if cfg.task != "classification" and cfg.task != "regression":
-        return  # detectors and segmenters answer in their own structures
+    if cfg.task == "detection":
+        return  # a detector answers in torchvision's structures, with or without targets
     size = bundle.image_size
     x = torch.zeros((2, bundle.in_channels, size, size), device=device)
     was_training = model.training
@@ -197,6 +200,17 @@ def check_outputs(cfg: Config, bundle: DataBundle, model: nn.Module, device: tor
         model.train(was_training)
     want = bundle.num_outputs
     shape = tuple(getattr(out, "shape", ()))
+    if cfg.task == "segmentation":
+        if not isinstance(out, torch.Tensor) or shape != (2, want, size, size):
+            got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else str(shape)
+            raise ConfigError(
+                f"{type(model).__name__} returns {got} for a batch of shape (2, "
+                f"{bundle.in_channels}, {size}, {size}); segmentation takes logits of shape "
+                f"(batch, {want}, {size}, {size}), one channel per class "
+                f"({', '.join(bundle.class_names)}). A torchvision segmenter returns a dict: "
+                "wrap it to return its ['out'] tensor."
+            )
+        return
     if len(shape) != 2 or shape[1] != want:
         what = "targets" if cfg.task == "regression" else "classes"
         raise ConfigError(

@@ -117,7 +117,7 @@ def load_trained(
     except RuntimeError as exc:
         raise CheckpointError(
             f"checkpoint {path}: weights do not fit model {own or cfg.model.name} "
-            f"({str(exc).splitlines()[0]})."
+            f"({_mismatch(exc)})."
         ) from None
     model.eval()
     return Loaded(
@@ -131,3 +131,9 @@ def load_trained(
         data["in_channels"],
         device,
     )
+
+
+def _mismatch(exc: RuntimeError) -> str:
+    """The first lines of a ``load_state_dict`` error: its heading and the first key."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:400]

@@ -299,6 +299,25 @@ def detection_postprocess(
     return DetectionPost.from_folder(meta["detection"], path.parent)(tuple(outputs))
 
 
+def _categories(loaded: Loaded) -> dict[str, Any]:
+    """Detection: the category id of each class, and where the ids come from."""
+    if loaded.task != "detection":
+        return {}
+    state = loaded.task_state
+    ids = state.get("category_ids") or list(range(1, len(loaded.class_names) + 1))
+    from_dataset = state.get("category_ids_from") == "dataset"
+    return {
+        "categories": [
+            {"id": int(i), "name": n} for i, n in zip(ids, loaded.class_names, strict=True)
+        ],
+        "category_ids": (
+            "the dataset's own ids (its annotation file)"
+            if from_dataset
+            else "1..K in class order: the source has no category ids"
+        ),
+    }
+
+
 def describe(
     loaded: Loaded,
     fmt: str,
@@ -345,6 +364,7 @@ def describe(
         "task": loaded.task,
         "class_names": loaded.class_names,
         "target_names": loaded.target_names,
+        **_categories(loaded),
         "task_state": loaded.task_state,
         "input": {
             "name": "images",

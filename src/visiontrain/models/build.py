@@ -54,8 +54,9 @@ def build_model(
         if shaping:
             keys = ", ".join(f"model.{k}" for k in shaping)
             raise ConfigError(
-                f"{keys} shape a registered model; your own {type(model).__name__} is used "
-                "as built, so they would be ignored. Remove them (or build them into it)."
+                f"{keys} set, but your own {type(model).__name__} is used as built: options "
+                "that shape a registered model would be ignored. Remove them (or build them "
+                "into your module)."
             )
         init_weights(model, m.init)
         model = model.to(device)

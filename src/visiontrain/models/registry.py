@@ -209,7 +209,7 @@ def create_model(
     if resolved is None:
         raise _MODELS.unknown(
             name,
-            tail=f"Use a built-in ({', '.join(_MODELS.names())}), a timm name (e.g. "
+            tail=f"Use a built-in ({', '.join(list_models(task))}), a timm name (e.g. "
             "resnet18, `timm:convnext_atto`) or `torchvision:NAME`.",
         )
     lib, real = resolved

@@ -17,7 +17,7 @@ from torch import nn
 from visiontrain.config import Config, refuse_unused
 from visiontrain.data.sources import DataBundle
 from visiontrain.engine.distributed import Dist
-from visiontrain.errors import ConfigError
+from visiontrain.errors import CheckpointError, ConfigError
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.metrics import DetectionMetrics
 
@@ -40,6 +40,7 @@ class DetectionTask(Task):
         outputs: Detections, task_state: dict[str, Any], names: list[str], top_k: int
     ) -> list[dict[str, Any]]:
         threshold = task_state.get("score_threshold", 0.5)
+        ids = [int(i) for i in task_state.get("category_ids") or range(1, len(names) + 1)]
         rows = []
         for det in outputs:
             keep = det["scores"] >= threshold
@@ -48,6 +49,7 @@ class DetectionTask(Task):
                     "detections": [
                         {
                             "class": names[int(label)],
+                            "category_id": ids[int(label)],
                             "score": round(float(score), 5),
                             "box": [round(float(v), 2) for v in box],
                         }
@@ -84,7 +86,11 @@ class DetectionTask(Task):
             )
         self.term_weights = dict(cfg.loss.term_weights or {})
         self._checked_terms = False
-        self.metrics = DetectionMetrics(bundle.class_names, device)
+        # The dataset's own category ids (COCO's), else 1..K; stored with the run through
+        # state_dict, so every later evaluation and export writes the same ids.
+        self.category_ids = list(bundle.category_ids) or list(range(1, len(bundle.class_names) + 1))
+        self.ids_from_dataset = bool(bundle.category_ids)
+        self.metrics = DetectionMetrics(bundle.class_names, device, self.category_ids)
 
     def forward(self, model: nn.Module, images: torch.Tensor, target: Any) -> Any:  # noqa: D102
         return model(list(images), _shift(target, 1))
@@ -154,5 +160,26 @@ class DetectionTask(Task):
         }
 
     def coco_results(self) -> list[dict[str, Any]]:
-        """The last evaluation's detections as COCO results JSON entries."""
+        """The last evaluation's detections as COCO results JSON entries (dataset ids)."""
         return self.metrics.coco_results()
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "category_ids": list(self.category_ids),
+            "category_ids_from": "dataset" if self.ids_from_dataset else "index + 1",
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        ids = state.get("category_ids")
+        if ids is None:  # a checkpoint from before ids were stored: 1..K, as it wrote them
+            return
+        ids = [int(i) for i in ids]
+        if self.ids_from_dataset and ids != self.category_ids:
+            raise CheckpointError(
+                f"the data's category ids {self.category_ids} differ from the checkpoint's "
+                f"{ids} for the classes {self.bundle.class_names}; evaluate on annotations "
+                "with the categories the model was trained on."
+            )
+        self.category_ids = ids
+        self.ids_from_dataset = state.get("category_ids_from") == "dataset"
+        self.metrics.category_ids = list(ids)

@@ -65,7 +65,9 @@ class DetectionMetrics:
     ``compute`` with pycocotools' ``COCOeval`` (``iouType="bbox"``, the standard COCO
     protocol: IoU thresholds .50:.05:.95, 101-point interpolated precision, at most 100
     detections per image, areas small < 32² <= medium < 96² <= large). Labels are 0-based
-    class indices; COCO category ids are ``label + 1``.
+    class indices; the COCO category id of label ``k`` is ``category_ids[k]`` — the
+    dataset's own ids (COCO's run 1-90 with gaps), or ``k + 1`` for a source without ids —
+    in the ground truth, the evaluation and the results JSON alike.
 
     Per-class AP comes from ``COCOeval.eval["precision"]`` (shape ``[T, R, K, A, M]``):
     ``ap`` is the mean over all IoU thresholds and recall points of class ``k`` for area
@@ -81,13 +83,27 @@ class DetectionMetrics:
         class_names: Names of the classes, in label order.
         device: The device the model runs on. Kept for symmetry with the other metrics;
             COCO evaluation itself runs on the host.
+        category_ids: The category id of each class, in label order (default 1..K).
     """
 
-    def __init__(self, class_names: list[str], device: torch.device) -> None:
+    def __init__(
+        self,
+        class_names: list[str],
+        device: torch.device,
+        category_ids: list[int] | None = None,
+    ) -> None:
         if not class_names:
             raise ValueError("DetectionMetrics needs at least one class name")
         self.class_names = list(class_names)
         self.device = device
+        self.category_ids = list(category_ids or range(1, len(class_names) + 1))
+        if len(self.category_ids) != len(self.class_names) or len(set(self.category_ids)) != len(
+            self.category_ids
+        ):
+            raise ValueError(
+                f"category_ids {self.category_ids} must give one distinct id per class "
+                f"({len(self.class_names)})"
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -175,8 +191,9 @@ class DetectionMetrics:
 
         Returns:
             ``{"images", "annotations", "categories"}``; annotations carry ``bbox`` as
-            ``[x, y, w, h]``, ``area = w * h``, ``iscrowd = 0``, category ids ``label + 1``
-            and ids from 1 (COCOeval treats a matched id of 0 as "unmatched").
+            ``[x, y, w, h]``, ``area = w * h``, ``iscrowd = 0``, category ids
+            ``category_ids[label]`` and annotation ids from 1 (COCOeval treats a matched id
+            of 0 as "unmatched").
         """
         images = [{"id": image_id} for image_id in self._image_ids]
         annotations: list[dict[str, Any]] = []
@@ -188,13 +205,16 @@ class DetectionMetrics:
                     {
                         "id": len(annotations) + 1,
                         "image_id": image_id,
-                        "category_id": label + 1,
+                        "category_id": self.category_ids[label],
                         "bbox": [x1, y1, w, h],
                         "area": w * h,
                         "iscrowd": 0,
                     }
                 )
-        categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.class_names)]
+        categories = [
+            {"id": cid, "name": name}
+            for cid, name in zip(self.category_ids, self.class_names, strict=True)
+        ]
         return {"images": images, "annotations": annotations, "categories": categories}
 
     def coco_results(self) -> list[dict[str, Any]]:
@@ -202,7 +222,8 @@ class DetectionMetrics:
 
         Returns:
             One ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per predicted
-            box, with ``category_id = label + 1`` as in :meth:`coco_ground_truth`.
+            box, with ``category_id = category_ids[label]`` (the dataset's own ids), as in
+            :meth:`coco_ground_truth`.
         """
         results: list[dict[str, Any]] = []
         for image_id, pred in zip(self._image_ids, self._preds, strict=True):
@@ -216,7 +237,7 @@ class DetectionMetrics:
                 results.append(
                     {
                         "image_id": image_id,
-                        "category_id": label + 1,
+                        "category_id": self.category_ids[label],
                         "bbox": [x1, y1, x2 - x1, y2 - y1],
                         "score": score,
                     }
@@ -257,7 +278,7 @@ class DetectionMetrics:
             )
         evaluator = COCOeval(gt, dt, iouType="bbox")
         # Score every class, including ones with no ground truth (they come out as -1).
-        evaluator.params.catIds = [i + 1 for i in range(len(self.class_names))]
+        evaluator.params.catIds = list(self.category_ids)
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
@@ -268,7 +289,10 @@ class DetectionMetrics:
             result[key] = value if value > -1 else math.nan
         # [T, R, K, A, M]; area index 0 is "all", the last maxDets is 100.
         precision = evaluator.eval["precision"]
-        for k, name in enumerate(self.class_names):
+        # COCOeval sorts catIds: its axis K runs over the ids in ascending order.
+        order = {cid: k for k, cid in enumerate(sorted(self.category_ids))}
+        for cid, name in zip(self.category_ids, self.class_names, strict=True):
+            k = order[cid]
             result["per_class"][name] = {
                 "ap": _mean_valid(precision[:, :, k, 0, -1]),
                 "ap_50": _mean_valid(precision[0, :, k, 0, -1]),
