@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "installed: run .venv/bin/visiontrain, or 'source .venv/bin/activate' and then visiontrain"
 
 demo: $(STAMP)
 	$(BIN)/visiontrain train configs/defects.yaml

@@ -160,6 +160,19 @@ def test_predict_segmentation_writes_masks(cli, tmp_path):
     assert out.code == 0, out.err
     mask = np.array(Image.open(tmp_path / "masks" / "scene.png"))
     assert mask.shape == (30, 70) and mask.max() <= 3
+    # Same file names in two folders, and one name with two suffixes: no output is lost,
+    # and the listing names what is on disk.
+    rng = np.random.default_rng(1)
+    inputs = [tmp_path / "two" / p for p in ("a/000.png", "b/000.png", "b/x.png", "b/x.jpg")]
+    for path in inputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(path)
+    out = cli("predict", res.run_dir, *inputs, "--out", tmp_path / "m2", "--format", "json")
+    assert out.code == 0, out.err
+    listed = [row["mask"] for row in json.loads(out.out[out.out.index("[") :])]
+    on_disk = sorted(str(p) for p in (tmp_path / "m2").rglob("*.png"))
+    assert sorted(listed) == on_disk and len(set(listed)) == 4
+    assert str(tmp_path / "m2" / "a" / "000.png") in listed
 
 
 def test_coco_and_masks_folders_train_from_the_cli(cli, tmp_path):

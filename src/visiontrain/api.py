@@ -6,6 +6,7 @@ run directory is created, so a refused command leaves nothing behind that looks 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,10 @@ def assemble(
     resume_state = (
         dist.run_on_main(lambda: load_checkpoint(plan.resume_from)) if plan.resume_from else None
     )
+    if not check_only and resume_state is not None:
+        done = dist.run_on_main(lambda: _finished(resume_state, cfg, plan.run_dir))
+        if done is not None:
+            raise RunFinished(plan.run_dir, done)
     from visiontrain.tracking.mlflow import build_mlflow_logger
 
     # Before the run folder exists: a missing MLflow or a store that cannot open stops here
@@ -205,6 +210,37 @@ def assemble(
     for note in [*bundle.notes, *task.describe(), *parts.notes]:
         say(f"note: {note}")
     return trainer
+
+
+class RunFinished(Exception):  # noqa: N818 - not an error: the run needs no more work
+    """A resumed run had already finished; nothing was trained or written.
+
+    Attributes:
+        run_dir: The run directory.
+        summary: Its ``summary.json``.
+    """
+
+    def __init__(self, run_dir: Path, summary: dict[str, Any]) -> None:
+        super().__init__(f"{run_dir} already finished")
+        self.run_dir, self.summary = run_dir, summary
+
+
+def _finished(state: dict[str, Any], cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that already ended where ``state`` stands, else None.
+
+    A run has finished when its ``summary.json`` was written after the checkpoint's last
+    update (same global step) and ``train.epochs`` was not raised since.
+    """
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged summary: train on, and write it again
+    planned = int(state.get("config", {}).get("train", {}).get("epochs", cfg.train.epochs))
+    same_step = summary.get("global_step") == state["counters"]["global_step"]
+    return summary if same_step and cfg.train.epochs <= planned else None
 
 
 def _check_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
@@ -469,21 +505,40 @@ class Run:
         """
         start = time.perf_counter()
         cfg = self.cfg.model_copy(deep=True)
-        with graceful_stop() as flag, distributed_session(cfg.train.device):
-            trainer = assemble(
-                cfg, self.console, flag, model=self.model, data=self.data, callbacks=self.callbacks
-            )
+        with graceful_stop() as flag, distributed_session(cfg.train.device) as dist:
+            try:
+                trainer = assemble(
+                    cfg,
+                    self.console,
+                    flag,
+                    model=self.model,
+                    data=self.data,
+                    callbacks=self.callbacks,
+                )
+            except RunFinished as done:
+                if dist.is_main:
+                    self.console.print(
+                        f"{done.run_dir} already finished ({done.summary.get('epochs_run')} "
+                        f"epochs, step {done.summary.get('global_step')}); nothing to do. "
+                        "Raise train.epochs to train on.",
+                        highlight=False,
+                    )
+                return self._result(done.run_dir, done.summary, dist.rank)
             assert trainer is not None
             self.trainer = trainer
             summary = fit_and_summarise(trainer, start, report=cfg.run.report)
-        folder = trainer.checkpointer.folder
+        return self._result(trainer.run_dir, summary, trainer.dist.rank)
+
+    @staticmethod
+    def _result(run_dir: Path, summary: dict[str, Any], rank: int) -> TrainResult:
+        folder = run_dir / CHECKPOINTS_DIR
         best, last = folder / BEST_CHECKPOINT, folder / LAST_CHECKPOINT
         return TrainResult(
-            trainer.run_dir,
+            run_dir,
             summary,
             best if best.is_file() else None,
             last if last.is_file() else None,
-            trainer.dist.rank,
+            rank,
         )
 
 

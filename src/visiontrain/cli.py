@@ -134,7 +134,10 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
             f"--score-threshold and --draw apply to detection; {args.target} is a {task} "
             "model. Drop them."
         )
-    rows = predict_files(loaded, paths, top_k=args.top_k, score_threshold=args.score_threshold)
+    rows = predict_files(loaded, paths, args.top_k, args.score_threshold, on_error=args.on_error)
+    for row in rows:
+        if "error" in row:
+            print(f"skipped {row['file']}: {row['error']}", file=sys.stderr, flush=True)
     out_dir = Path(args.out)
     if task == "segmentation":
         write_masks(rows, out_dir)
@@ -145,12 +148,15 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    flat = _flat_rows(rows)
+    flat = _flat_rows([row for row in rows if "error" not in row])
     if not flat:
         console.print("no detections above the score threshold")
         return EXIT_OK
-    # Flat columns only: the ranked alternatives ("top") are in the JSON output.
-    columns = [c for c in flat[0] if c != "top"]
+    if args.top_k > 1:
+        # The ranked alternatives as one column: "b 80.1%, a 15.0%, c 4.9%".
+        for r in flat:
+            r["top"] = ", ".join(f"{c['class']} {c['probability']:.1%}" for c in r["top"])
+    columns = [c for c in flat[0] if c != "top" or args.top_k > 1]
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
@@ -166,7 +172,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         console.print(table)
     threshold = loaded.task_state.get("threshold")
     if threshold is not None and args.format == "table":
-        console.print(f"decision threshold {threshold:.4g} (chosen at training)", highlight=False)
+        # The fixed default needs no word; a threshold tuned on val at training does.
+        how = "the fixed default" if threshold == 0.5 else "tuned on val at training"
+        console.print(f"decision threshold {threshold:.4g} ({how})", highlight=False)
     return EXIT_OK
 
 
@@ -267,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out", default="predictions", help="folder for masks and drawn images (predictions/)"
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="an unreadable image: stop (raise, default) or report it and predict the rest",
     )
     p.set_defaults(func=cmd_predict)
     from visiontrain.tools.compare import add_parser as add_compare_parser

@@ -21,6 +21,13 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temp file in the same folder, fsync, then rename.
 
@@ -36,6 +43,9 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
+            # mkstemp creates 0600; a run's files get the mode any new file of the user
+            # gets (0666 less the umask), like metrics.jsonl, which is opened normally.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -250,6 +250,42 @@ def pair_transform(
     return lambda image, target: (transform(image), target)
 
 
+# The most of a training epoch that data.drop_last may leave out; above it the short last
+# batch trains (a small folder would otherwise lose a large share of its images).
+MAX_DROPPED_SHARE = 0.1
+
+
+def short_batch_rule(num_samples: int, batch_size: int, world_size: int) -> tuple[bool, str | None]:
+    """Whether ``data.drop_last`` drops the short last batch, and a note saying what it costs.
+
+    Dropping keeps every batch full (a steady batch-norm statistic, a steady step size) but
+    leaves the remainder out of each epoch. It is done when the remainder is at most
+    :data:`MAX_DROPPED_SHARE` of a process's samples, or a single sample (BatchNorm cannot
+    train on a batch of one); otherwise the short batch trains.
+
+    Returns:
+        ``(drop, note)``; the note is None when nothing is left out or kept.
+    """
+    per_rank = -(-num_samples // world_size)
+    short = per_rank % batch_size
+    if short == 0:
+        return False, None
+    if per_rank < batch_size:
+        return False, None  # one short batch is all there is: it trains
+    if short == 1 or short <= MAX_DROPPED_SHARE * per_rank:
+        return True, (
+            f"data.drop_last: the last {short} of {per_rank} training images per epoch"
+            + (" per process" if world_size > 1 else "")
+            + " (a short batch) are left out each epoch, a different few each time; "
+            "data.drop_last=false trains them"
+        )
+    return False, (
+        f"data.drop_last: the short last batch ({short} images) trains: dropping it would "
+        f"leave out {short / per_rank:.0%} of the {per_rank} training images each epoch "
+        f"(more than {MAX_DROPPED_SHARE:.0%})"
+    )
+
+
 def build_loader(
     split: Split,
     bundle: DataBundle,
@@ -275,11 +311,16 @@ def build_loader(
         else None
     )
     num_samples = (cfg.epoch_samples or len(split)) if weights is not None else len(split)
+    drop_last = False
+    if train and cfg.drop_last:
+        drop_last, note = short_batch_rule(num_samples, cfg.batch_size, world_size)
+        if note is not None and note not in bundle.notes:
+            bundle.notes.append(note)
     sampler = EpochBatchSampler(
         len(split),
         cfg.batch_size,
         shuffle=train,
-        drop_last=train and cfg.drop_last and num_samples >= cfg.batch_size,
+        drop_last=drop_last,
         seed=seed,
         rank=rank,
         world_size=world_size,

@@ -83,6 +83,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} does not exist. Pass the path of a `.pt` file under a run's "
             "checkpoints/ folder, or run.resume=auto with the run's run.name."
         )
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head and head[:2] != b"PK" and head[:1] != b"\x80":
+        # torch.save writes a zip archive (a legacy one a pickle); anything else (an image,
+        # a text file) would otherwise reach the unpickler and read as an unsafe checkpoint.
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it is neither a PyTorch zip archive nor a pickle "
+            "(another kind of file?). Pass a .pt file from a run's checkpoints/ folder."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -27,6 +27,11 @@ def resolve_checkpoint(target: str | Path) -> Path:
             if (path / CHECKPOINTS_DIR / name).is_file():
                 return path / CHECKPOINTS_DIR / name
         raise UserError(f"{path} holds no checkpoints/best.pt or last.pt; is it a run directory?")
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist. Pass a run directory (the last line `visiontrain train` "
+            "prints) or a checkpoint file such as RUN/checkpoints/best.pt."
+        )
     return path
 
 

@@ -655,6 +655,11 @@ def plot_params(rows: list[dict[str, Any]], search: Search, path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def print_results(
     console: Console, search: Search, rows: list[dict[str, Any]], best: dict | None
 ) -> None:
@@ -674,9 +679,13 @@ def print_results(
         )
     console.print(table)
     if best is not None:
+        scores = [r["score"] for r in rows if r["score"] is not None]
+        # A tie is no evidence for one setting: say so instead of naming the first.
+        tie = len(scores) > 1 and len({round(s, 12) for s in scores}) == 1
         console.print(
             f"best: trial {best['trial']}, {best['monitor']} {best['score']:.4f} with "
-            f"{_format_values(best['overrides'])} ({best['run_dir']})",
+            f"{_format_values(best['overrides'])} ({best['run_dir']})"
+            + (f" — all {len(scores)} scored trials tie; the first is kept" if tie else ""),
             highlight=False,
         )
 
@@ -702,8 +711,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     try:
         study = open_study(search)
         console.print(
-            f"study {search.study_name}: {search.cfg.tune.trials} trials of "
-            f"{search.cfg.tune.epochs} epochs, {search.cfg.tune.sampler} sampler, "
+            f"study {search.study_name}: {_count(search.cfg.tune.trials, 'trial')} of "
+            f"{_count(search.cfg.tune.epochs, 'epoch')}, {search.cfg.tune.sampler} sampler, "
             f"{search.cfg.tune.pruner} pruner, {search.direction} {search.monitor}",
             highlight=False,
         )

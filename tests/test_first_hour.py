@@ -1,0 +1,97 @@
+"""What a new user meets in the first hour (issue 19): finished runs, unreadable images in
+predict, honest messages, the short last batch, file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+from tests.conftest import TINY
+
+from visiontrain.data.loaders import short_batch_rule
+
+
+@pytest.fixture
+def run(cli, tmp_path):
+    res = cli("train", *TINY, f"run.dir={tmp_path}", "run.name=r", "train.epochs=2")
+    assert res.code == 0, res.err
+    return res.run_dir
+
+
+def test_resuming_a_finished_run_says_so_and_appends_nothing(cli, run, tmp_path):
+    metrics = (run / "metrics.jsonl").read_text()
+    again = cli("train", *TINY, f"run.dir={tmp_path}", "run.name=r", "train.epochs=2",
+                "run.resume=auto")  # fmt: skip
+    assert again.code == 0, again.err
+    assert "already finished" in again.out and again.run_dir == run
+    assert (run / "metrics.jsonl").read_text() == metrics
+    more = cli("train", *TINY, f"run.dir={tmp_path}", "run.name=r", "train.epochs=3",
+               "run.resume=auto")  # fmt: skip
+    assert more.code == 0, more.err
+    assert "already finished" not in more.out
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_predict_skips_an_unreadable_image_when_asked(cli, run, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    refused = cli("predict", run, good, bad)
+    assert refused.code == 2
+    assert "--on-error skip" in refused.err and "data.on_error" not in refused.err
+    ok = cli("predict", run, good, bad, "--on-error", "skip", "--format", "json")
+    assert ok.code == 0, ok.err
+    rows = json.loads(ok.out[ok.out.index("[") :])
+    assert "prediction" in rows[0] and str(bad) in rows[1]["file"] and rows[1]["error"]
+    assert f"skipped {bad}" in ok.err
+
+
+def test_predict_table_shows_top_k_and_says_how_the_threshold_came(cli, run, tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+    out = cli("predict", run, image, "--top-k", "2")
+    assert out.code == 0, out.err
+    assert "top" in out.out and "%" in out.out
+    threshold = json.loads((run / "summary.json").read_text())["threshold"]
+    said = "the fixed default" if threshold["threshold"] == 0.5 else "tuned on val"
+    assert said in out.out
+
+
+def test_missing_or_foreign_checkpoint_messages_fit_the_verb(cli, tmp_path):
+    nope = cli("eval", tmp_path / "nope")
+    assert nope.code == 2 and "run.resume" not in nope.err and "run directory" in nope.err
+    png = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(png)
+    foreign = cli("eval", png)
+    assert foreign.code == 2 and "is not a checkpoint" in foreign.err
+    assert "untrusted" not in foreign.err
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world", "drop", "says"),
+    [
+        (96, 16, 1, False, None),  # no remainder
+        (60, 32, 1, False, "trains"),  # 28 of 60 would be lost: keep them
+        (330, 32, 1, True, "left out"),  # 10 of 330 (3%): drop as asked
+        (65, 16, 1, True, "left out"),  # a batch of one cannot train BatchNorm
+        (20, 32, 1, False, None),  # a single short batch is the epoch
+        (130, 32, 2, True, "per process"),
+    ],
+)
+def test_short_last_batch_rule(n, batch, world, drop, says):
+    got, note = short_batch_rule(n, batch, world)
+    assert got is drop
+    assert (note is None) if says is None else (says in note)
+
+
+def test_run_files_follow_the_umask(run):
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints/last.pt"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == want, name
