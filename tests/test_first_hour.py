@@ -95,3 +95,11 @@ def test_run_files_follow_the_umask(run):
     want = 0o666 & ~mask
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints/last.pt"):
         assert stat.S_IMODE((run / name).stat().st_mode) == want, name
+
+
+def test_unknown_model_suggests_among_what_serves_the_task(cli):
+    res = cli("train", *TINY, "model.name=resnet181", "--check")
+    assert res.code == 2 and "did you mean `resnet18`" in res.err
+    assert "unet" not in res.err and "fcos" not in res.err
+    own = cli("train", *TINY, "model.name=my_unett", "--check")
+    assert own.code == 2 and "`unet`" not in own.err

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -270,14 +271,26 @@ def export_artifact(
     module: nn.Module, example: torch.Tensor, fmt: str, path: Path, dynamic: bool
 ) -> None:
     """Trace ``module`` and write the artifact atomically to ``path``."""
-    from visiontrain.io import atomic_write
-
     batch = torch.export.Dim("batch", min=1, max=4096)
     # A batch of 2 in the example: torch.export specialises a size of 1 to a constant.
     example = example[:2] if dynamic else example[:1]
     if dynamic and len(example) < 2:
         example = example.repeat(2, 1, 1, 1)
     shapes = ({0: batch},) if dynamic else None
+    with warnings.catch_warnings():
+        # torch.export / the ONNX exporter warn about their own internals (deprecated
+        # pytree classes, ...): nothing a user can act on, so kept out of the output.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _trace(module, example, fmt, path, shapes)
+
+
+def _trace(
+    module: nn.Module, example: torch.Tensor, fmt: str, path: Path, shapes: tuple | None
+) -> None:
+    """Trace and write one artifact (see :func:`export_artifact`)."""
+    from visiontrain.io import atomic_write
+
     if fmt == "pt2":
         program = torch.export.export(module, (example,), dynamic_shapes=shapes)
         atomic_write(path, lambda fh: torch.export.save(program, fh))

@@ -168,6 +168,14 @@ def _external(name: str) -> tuple[str, str] | None:
     return None
 
 
+def _external_names() -> list[str]:
+    """The classification model names of timm and torchvision (for suggestions)."""
+    import timm
+    import torchvision
+
+    return [*timm.list_models(), *torchvision.models.list_models(module=torchvision.models)]
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -209,6 +217,9 @@ def create_model(
     if resolved is None:
         raise _MODELS.unknown(
             name,
+            # Suggest among everything that would serve this task: built-ins, timm's and
+            # torchvision's classifiers (`resnet181` → `resnet18`).
+            among=[*list_models(task), *_external_names()],
             tail=f"Use a built-in ({', '.join(list_models(task))}), a timm name (e.g. "
             "resnet18, `timm:convnext_atto`) or `torchvision:NAME`.",
         )
