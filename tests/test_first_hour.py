@@ -103,3 +103,30 @@ def test_unknown_model_suggests_among_what_serves_the_task(cli):
     assert "unet" not in res.err and "fcos" not in res.err
     own = cli("train", *TINY, "model.name=my_unett", "--check")
     assert own.code == 2 and "`unet`" not in own.err
+
+
+def test_rates_after_a_resume_count_this_process_and_time_continues(tmp_path):
+    import signal
+
+    import visiontrain as vt
+
+    class StopAt(vt.Callback):
+        name = "stop_at"
+
+        def on_update(self, trainer):
+            if trainer.global_step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    args = [*TINY, f"run.dir={tmp_path}", "run.name=t", "train.log_every=4", "train.epochs=2"]
+    with pytest.raises(vt.Interrupted):
+        vt.build_trainer(vt.resolve_config(None, args), callbacks=[StopAt()]).fit()
+    vt.train(None, *args, "run.resume=auto")
+    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").open()]
+    times = [r["time"] for r in records]
+    assert times == sorted(times), times  # the run's clock continued across the resume
+    steps = [r for r in records if r["kind"] == "train_step"]
+    before = sorted(r["samples_per_s"] for r in steps if r["step"] <= 5)
+    first_after = next(r["samples_per_s"] for r in steps if r["step"] > 5)
+    # Before the fix the first record after a resume divided the previous process's
+    # samples by the new one's seconds (10x too fast and more).
+    assert first_after < 4 * before[len(before) // 2]

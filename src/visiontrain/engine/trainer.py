@@ -61,6 +61,11 @@ class _TrainAccum:
     epoch_batches: int = 0
     epoch_samples: int = 0
     epoch_seconds: float = 0.0
+    # Throughput counts only this process's work and time: never checkpointed, so a
+    # resume does not divide the samples of the previous process by the new one's time.
+    rate_samples: int = 0
+    epoch_rate_samples: int = 0
+    epoch_rate_seconds: float = 0.0
 
 
 class Trainer:
@@ -149,6 +154,9 @@ class Trainer:
         self._group_batches: list[tuple[int, int]] = []
         self.amp_skipped = 0
         self._fit_start = time.perf_counter()
+        # Seconds the run had already run before this process resumed it: record times
+        # continue across resumes.
+        self._time_offset = 0.0
 
     # ------------------------------------------------------------------ public API
 
@@ -253,6 +261,7 @@ class Trainer:
                 # all-reduce per log interval instead of one per update.
                 self._check_stop(sync_point=log_due)
         self._accum.epoch_seconds += time.perf_counter() - start
+        self._accum.epoch_rate_seconds += time.perf_counter() - start
         self.timings["train_s"] += time.perf_counter() - start
         self._log_train_epoch()
 
@@ -277,6 +286,7 @@ class Trainer:
                 acc.interval_parts[name] = acc.interval_parts.get(name, 0) + part
         acc.interval_batches += 1
         acc.interval_samples += len(batch["image"])
+        acc.rate_samples += len(batch["image"])
 
     def evaluate(self, loader: DataLoader, split: str, emit: bool = True) -> dict[str, Any]:
         """Metrics of the current weights on one split (engine/evaluate.py)."""
@@ -379,7 +389,7 @@ class Trainer:
         acc = self._accum
         now = time.perf_counter()
         counts = torch.tensor(
-            [acc.interval_batches, acc.interval_samples],
+            [acc.interval_batches, acc.interval_samples, acc.rate_samples],
             dtype=acc.interval_loss.dtype,
             device=acc.interval_loss.device,
         )
@@ -387,7 +397,7 @@ class Trainer:
         # Under DDP the logged loss is the mean over every rank's batches (one all-reduce).
         stacked = self.dist.sum_(torch.cat([stacked, counts]))
         # The one host sync per log interval: the loss and every loss term read together.
-        *sums, n_batches, n_samples = stacked.tolist()
+        *sums, n_batches, n_samples, n_rate = stacked.tolist()
         batches = max(n_batches, 1)
         loss_sum = sums[0]
         if not math.isfinite(loss_sum) and self.nan.policy == "raise":
@@ -410,7 +420,7 @@ class Trainer:
             **parts,
             "lr": self.last_lr,
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
-            "samples_per_s": n_samples / max(now - acc.interval_start, 1e-9),
+            "samples_per_s": n_rate / max(now - acc.interval_start, 1e-9),
         }
         if self.nan.checks_every_update:
             record["skipped_updates"] = self.nan.interval_skips
@@ -420,6 +430,8 @@ class Trainer:
         acc.interval_loss.zero_()
         acc.interval_parts = {}
         acc.interval_batches = acc.interval_samples = 0
+        acc.epoch_rate_samples += int(n_rate)
+        acc.rate_samples = 0
         acc.interval_start = now
         self._emit(record)
 
@@ -431,11 +443,12 @@ class Trainer:
                 "kind": "train_epoch",
                 "loss": acc.epoch_loss / max(acc.epoch_batches, 1),
                 "lr": self.last_lr,
-                "samples_per_s": acc.epoch_samples / max(acc.epoch_seconds, 1e-9),
+                "samples_per_s": acc.epoch_rate_samples / max(acc.epoch_rate_seconds, 1e-9),
                 "samples": acc.epoch_samples,
             }
         )
         acc.epoch_loss, acc.epoch_batches, acc.epoch_samples, acc.epoch_seconds = 0.0, 0, 0, 0.0
+        acc.epoch_rate_samples, acc.epoch_rate_seconds = 0, 0.0
 
     def _validate(self) -> None:
         metrics = self.evaluate(self.loaders.val, "val")
@@ -510,7 +523,7 @@ class Trainer:
             "step": self.global_step,
             "epoch": self.epoch,
             **record,
-            "time": round(time.perf_counter() - self._fit_start, 4),
+            "time": round(self.elapsed(), 4),
             "hparams": self.hparams(),
         }
         for cb in self.callbacks:
@@ -521,6 +534,10 @@ class Trainer:
             getattr(cb, hook)(self)
 
     # ------------------------------------------------------------------ state
+
+    def elapsed(self) -> float:
+        """Seconds this run has run, over every process that worked on it (resumes add)."""
+        return self._time_offset + time.perf_counter() - self._fit_start
 
     def hparams(self) -> dict[str, Any]:
         """The run's headline hyperparameters, attached to every record."""
@@ -588,6 +605,7 @@ class Trainer:
                 "epoch_seconds": acc.epoch_seconds,
             },
             "timings": dict(self.timings),
+            "elapsed_s": self.elapsed(),
             "nan": {**self.nan.state_dict(), "amp_skipped": self.amp_skipped},
             "skipped": sorted(self.skipped),
             "rng": rng,
@@ -655,6 +673,9 @@ class Trainer:
         ):
             setattr(self._accum, key, acc[key])
         self.timings.update(state.get("timings", {}))
+        saved = float(state.get("elapsed_s", 0.0))
+        if saved > self.elapsed():  # a resume; a rollback keeps its own, later clock
+            self._time_offset, self._fit_start = saved, time.perf_counter()
         self.nan.load_state_dict(state.get("nan", {}))
         self.amp_skipped = int(state.get("nan", {}).get("amp_skipped", 0))
         self.skipped.update(state.get("skipped", []))
