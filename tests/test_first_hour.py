@@ -130,3 +130,16 @@ def test_rates_after_a_resume_count_this_process_and_time_continues(tmp_path):
     # Before the fix the first record after a resume divided the previous process's
     # samples by the new one's seconds (10x too fast and more).
     assert first_after < 4 * before[len(before) // 2]
+
+
+def test_a_resume_may_change_epochs_and_logging_but_not_the_run(cli, tmp_path):
+    args = [*TINY, f"run.dir={tmp_path}", "run.name=c"]
+    assert cli("train", *args, "train.epochs=1").code == 0
+    wrong = cli("train", *args, "train.epochs=2", "optim.lr=0.5", "data.batch_size=8",
+                "run.resume=auto")  # fmt: skip
+    assert wrong.code == 2
+    assert "optim.lr" in wrong.err and "data.batch_size: 16 in the checkpoint, 8 now" in wrong.err
+    ok = cli("train", *args, "train.epochs=2", "train.log_every=2", "run.resume=auto")
+    assert ok.code == 0, ok.err
+    assert "note: resumed with train.epochs changed: 1 -> 2" in ok.out
+    assert "note: resumed with train.log_every changed" in ok.out

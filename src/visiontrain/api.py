@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from visiontrain.config import Config, build_config, read_yaml, set_values
+from visiontrain.config import Config, build_config, read_yaml, resume_changes, set_values
 from visiontrain.data import build_data
 from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.user import SOURCE_NAME, DatasetSource
@@ -115,6 +115,9 @@ def assemble(
     resume_state = (
         dist.run_on_main(lambda: load_checkpoint(plan.resume_from)) if plan.resume_from else None
     )
+    changes: list[tuple[str, Any, Any]] = []
+    if resume_state is not None:
+        changes = _check_resume_config(resume_state, cfg, plan.resume_from)
     if not check_only and resume_state is not None:
         done = dist.run_on_main(lambda: _finished(resume_state, cfg, plan.run_dir))
         if done is not None:
@@ -190,6 +193,8 @@ def assemble(
             threshold_mode=schedule.scheduler.threshold_mode,
         )
     say = _say(console, dist)
+    for key, was, now in changes:
+        say(f"note: resumed with {key} changed: {was!r} -> {now!r}")
     if resume_state is not None:
         trainer.load_state(resume_state, plan.resume_from)
         say(
@@ -210,6 +215,26 @@ def assemble(
     for note in [*bundle.notes, *task.describe(), *parts.notes]:
         say(f"note: {note}")
     return trainer
+
+
+def _check_resume_config(
+    state: dict[str, Any], cfg: Config, path: Path | None
+) -> list[tuple[str, Any, Any]]:
+    """The allowed config changes of a resume; a change that would alter the run is refused.
+
+    Raises:
+        ConfigError: naming each key the checkpoint fixes, with both values.
+    """
+    fixed, allowed = resume_changes(state.get("config") or {}, cfg)
+    if fixed:
+        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in fixed)
+        raise ConfigError(
+            f"resuming from {path} with a config that changes the run ({listed}). These are "
+            "fixed by the checkpoint: resume with its values (its config.yaml), or start a "
+            "new run (another run.name). A resume may change only train.epochs, logging, "
+            "saving, the data's location and loading, and speed options."
+        )
+    return allowed
 
 
 class RunFinished(Exception):  # noqa: N818 - not an error: the run needs no more work

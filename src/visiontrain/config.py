@@ -683,3 +683,75 @@ _OPTIONAL_FIELDS: dict[type[BaseModel], set[str]] = {
 
 def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+# Keys a resumed run may change: how long it runs, how it logs and saves, where its data
+# lives and how it is loaded, and speed options that do not change what is computed.
+# Every other key (task, data, model, loss, optim, schedule, seed, precision ...) is
+# fixed by the checkpoint: changing it mid-run would train a different run.
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.progress",
+    "train.log_every",
+    "train.eval_every",
+    "train.early_stopping.",
+    "train.device",
+    "train.compile",
+    "train.channels_last",
+    "train.activation_checkpointing",
+    "train.deterministic",
+    "train.threshold",
+    "train.on_nan",
+    "train.max_nan_skips",
+    "train.max_rollbacks",
+    "train.nan_lr_factor",
+    "data.root",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.prefetch_factor",
+    "data.persistent_workers",
+    "data.timeout",
+    "data.on_error",
+    "data.cache",
+    "data.cache_dir",
+    "data.download",
+    "run.",
+    "tune.",
+)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(
+    saved: Mapping[str, Any], cfg: Config
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """How ``cfg`` differs from the config a checkpoint was written with.
+
+    Args:
+        saved: The ``config`` stored in the checkpoint.
+        cfg: The config of the resuming command.
+
+    Returns:
+        ``(fixed, allowed)``: ``(key, old, new)`` for keys a resume may not change, and for
+        those it may (:data:`RESUMABLE_CHANGES`). Keys the checkpoint does not have (it is
+        older than them) are not compared.
+    """
+    old, new = _leaves(saved), _leaves(cfg.to_dict())
+    fixed, allowed = [], []
+    for key, value in new.items():
+        if key not in old or old[key] == value:
+            continue
+        change = (key, old[key], value)
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            allowed.append(change)
+        else:
+            fixed.append(change)
+    return fixed, allowed
