@@ -224,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument(
-        "--check", action="store_true", help="validate config, data and model; do not train"
+        "--check",
+        action="store_true",
+        help="validate config, data and model; do not train (no run folder is written; "
+        "generated data is cached as a run would)",
     )
     p.add_argument(
         "--from",
