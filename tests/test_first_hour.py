@@ -143,3 +143,9 @@ def test_a_resume_may_change_epochs_and_logging_but_not_the_run(cli, tmp_path):
     assert ok.code == 0, ok.err
     assert "note: resumed with train.epochs changed: 1 -> 2" in ok.out
     assert "note: resumed with train.log_every changed" in ok.out
+
+
+def test_fp16_on_the_cpu_says_what_it_costs(cli, tmp_path):
+    r = cli("train", *TINY, "train.precision=fp16", f"run.dir={tmp_path}", "run.name=h")
+    assert r.code == 0, r.err
+    assert "train.precision=fp16 on the CPU" in r.out and "bf16" in r.out
