@@ -234,3 +234,17 @@ def test_build_comparison_missing_split_suggests_the_other() -> None:
     run = RunSummary("r", Path("r"), {"metrics": {"val": {"loss": 1.0}}})
     with pytest.raises(UserError, match=r"run r \(r\) has no test metrics.*--split val"):
         build_comparison([run], "test")
+
+
+def test_runs_of_different_tasks_are_refused_and_other_test_sets_warned() -> None:
+    cls = _run("cls", {"loss": 1.0, "samples": 570})
+    cls.summary["task"] = "classification"
+    reg = _run("reg", {"loss": 2.0, "samples": 570})
+    reg.summary["task"] = "regression"
+    with pytest.raises(UserError, match=r"different tasks: cls \(classification\), reg"):
+        build_comparison([cls, reg], "test")
+    small = _run("small", {"loss": 0.5, "samples": 95})
+    small.summary["task"] = "classification"
+    cmp = build_comparison([cls, small], "test")
+    assert "different sizes (cls 570, small 95 images)" in cmp["warnings"][0]
+    assert build_comparison([cls, cls], "test")["warnings"] == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,23 @@ def build_comparison(summaries: Sequence[RunSummary], split: str) -> dict[str, A
     """
     if not summaries:
         raise UserError("nothing to compare: pass at least one run.")
+    tasks = {run.name: run.summary.get("task") for run in summaries}
+    if len(set(tasks.values())) > 1:
+        listed = ", ".join(f"{name} ({task})" for name, task in tasks.items())
+        raise UserError(
+            f"these runs solve different tasks: {listed}. Their metrics do not compare "
+            "(a delta between a classifier's loss and a detector's is meaningless); "
+            "compare runs of one task."
+        )
     metrics = [_split_metrics(run, split) for run in summaries]
+    warnings = []
+    sizes = {run.name: m.get("samples") for run, m in zip(summaries, metrics, strict=True)}
+    if len({s for s in sizes.values() if s is not None}) > 1:
+        listed = ", ".join(f"{name} {n}" for name, n in sizes.items())
+        warnings.append(
+            f"the runs were scored on {split} sets of different sizes ({listed} images): "
+            "their numbers are not on the same data, so the deltas mix the models with the data."
+        )
 
     headline_keys = _ordered(
         (k for m in metrics for k, v in m.items() if _is_number(v) and k not in NOT_HEADLINE),
@@ -242,6 +259,7 @@ def build_comparison(summaries: Sequence[RunSummary], split: str) -> dict[str, A
         "headline": headline,
         "per_class": _nested_rows(ordered_tables, PER_CLASS_ORDER),
         "per_target": _nested_rows(section("per_target"), PER_TARGET_ORDER),
+        "warnings": warnings,
     }
 
 
@@ -370,6 +388,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """
     summaries = load_summaries(args.runs)
     comparison = build_comparison(summaries, args.split)
+    for warning in comparison["warnings"]:
+        # stderr: stdout may be redirected into a markdown or JSON file.
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if args.html:
         from visiontrain.report.write import write_comparison_html
 
