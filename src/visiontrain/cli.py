@@ -35,12 +35,18 @@ EPILOG = (
 
 def metric_tables(metrics: dict[str, Any], split: str) -> list[Table]:
     """Rich tables of one split's metrics: per class (P/R/F1/support) or per target."""
+    # Several regression targets have units of their own: an MAE or RMSE averaged over
+    # them adds metres to kilograms, so the headline keeps the unit-free numbers and the
+    # per-target table gives the rest.
+    in_units = {"mae", "rmse"} if len(metrics.get("per_target") or {}) > 1 else set()
     title = f"{split}: " + "  ".join(
         f"{key.replace('_', ' ')} {metrics[key]:.4f}"
         for key in HEADLINE_ORDER
-        if isinstance(metrics.get(key), int | float)
+        if isinstance(metrics.get(key), int | float) and key not in in_units
     )
     title += f"  ({metrics.get('samples', 0)} images)"
+    if in_units:
+        title += "; mae and rmse per target below (each in its target's units)"
     tables = []
     for key, label in (("per_class", "class"), ("per_target", "target")):
         rows = metrics.get(key)
