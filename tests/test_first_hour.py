@@ -149,3 +149,21 @@ def test_fp16_on_the_cpu_says_what_it_costs(cli, tmp_path):
     r = cli("train", *TINY, "train.precision=fp16", f"run.dir={tmp_path}", "run.name=h")
     assert r.code == 0, r.err
     assert "train.precision=fp16 on the CPU" in r.out and "bf16" in r.out
+
+
+def test_an_epoch_writes_its_state_once_and_the_run_says_its_size(cli, tmp_path):
+    res = cli("train", *TINY, f"run.dir={tmp_path}", "run.name=d", "train.epochs=2",
+              "run.keep_last=1")  # fmt: skip
+    assert res.code == 0, res.err
+    folder = res.run_dir / "checkpoints"
+    last, epoch = (folder / "last.pt").stat(), (folder / "epoch-0001.pt").stat()
+    assert (last.st_ino, last.st_dev) == (epoch.st_ino, epoch.st_dev)  # one file, two names
+    assert "MiB on disk" in res.out
+    # A later rewrite of last.pt (a resume that trains on) leaves the epoch file alone.
+    more = cli("train", *TINY, f"run.dir={tmp_path}", "run.name=d", "train.epochs=3",
+               "run.keep_last=2", "run.resume=auto")  # fmt: skip
+    assert more.code == 0, more.err
+    from visiontrain.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(folder / "epoch-0001.pt")["counters"]["epochs_done"] == 2
+    assert load_checkpoint(folder / "last.pt")["counters"]["epochs_done"] == 3

@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     """Train a model (``vt.train``); the last line printed is the run directory."""
     from visiontrain.api import Run, refuse_tune_keys
     from visiontrain.config import load_config, split_items
+    from visiontrain.rundir import disk_use
 
     path, overrides = split_items(args.items)
     refuse_tune_keys(overrides)
@@ -95,6 +96,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             "(listed in summary.json)",
             highlight=False,
         )
+    used = disk_use(result.run_dir)
+    console.print(f"run directory: {used / 2**20:.1f} MiB on disk", highlight=False)
     print(result.run_dir, flush=True)
     return EXIT_OK
 

@@ -63,3 +63,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write an indented JSON file."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` a hard link to ``source``, replacing it atomically.
+
+    Files written whole and never modified in place (checkpoints are replaced, not
+    edited) can share their bytes: the epoch file and ``last.pt`` of one epoch are the
+    same state. A later atomic rewrite of either gives it a new inode and leaves the
+    other as it was.
+
+    Returns:
+        False when the filesystem cannot link (the caller then writes a copy).
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return True

@@ -83,3 +83,18 @@ def tool_dir(cfg: Config, prefix: str) -> Path:
     while folder.exists():
         folder, n = base.with_name(f"{base.name}-{n}"), n + 1
     return folder
+
+
+def disk_use(folder: Path) -> int:
+    """Bytes the files under ``folder`` take, a hard-linked file counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if path.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from visiontrain.io import atomic_link
 from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 if TYPE_CHECKING:
@@ -140,14 +141,24 @@ class Checkpointer(Callback):
         # last.pt goes last: killed between two writes, a resume starts from the previous
         # last.pt and redoes this epoch, rewriting best.pt, instead of trusting a best
         # score whose best.pt was never written.
+        # The same state goes to up to three names; it is written once and hard-linked to
+        # the others (a copy where the filesystem cannot link), so an epoch costs one file.
+        written: Path | None = None
+
+        def put(path: Path) -> None:
+            nonlocal written
+            if written is None or not atomic_link(written, path):
+                save_checkpoint(path, state)
+                written = path
+
         if trainer.improved:
-            save_checkpoint(self.folder / BEST_CHECKPOINT, state)
+            put(self.folder / BEST_CHECKPOINT)
         if self.keep_last > 0:
-            save_checkpoint(self.folder / f"epoch-{trainer.epoch:04d}.pt", state)
+            put(self.folder / f"epoch-{trainer.epoch:04d}.pt")
             epochs = sorted(self.folder.glob("epoch-*.pt"))
             for old in epochs[: -self.keep_last]:
                 old.unlink(missing_ok=True)
-        save_checkpoint(self.folder / LAST_CHECKPOINT, state)
+        put(self.folder / LAST_CHECKPOINT)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
