@@ -167,3 +167,15 @@ def test_an_epoch_writes_its_state_once_and_the_run_says_its_size(cli, tmp_path)
 
     assert load_checkpoint(folder / "epoch-0001.pt")["counters"]["epochs_done"] == 2
     assert load_checkpoint(folder / "last.pt")["counters"]["epochs_done"] == 3
+
+
+def test_config_show_prints_every_key_resolved(cli, run):
+    import yaml
+
+    shown = cli("config", "show", "data.batch_size=32")
+    assert shown.code == 0, shown.err
+    cfg = yaml.safe_load(shown.out)
+    assert cfg["data"]["batch_size"] == 32 and cfg["data"]["image_size"] == 48
+    assert set(cfg) >= {"task", "data", "model", "loss", "optim", "schedule", "train", "run"}
+    # config.yaml of a run holds the size the source resolved, not null.
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["image_size"] == 16

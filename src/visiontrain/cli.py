@@ -102,6 +102,19 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args: argparse.Namespace, console: Console) -> int:
+    """Print the fully resolved config: every key, source defaults filled in."""
+    from visiontrain.config import load_config, split_items
+    from visiontrain.data import build_data
+
+    path, overrides = split_items(args.items)
+    cfg = load_config(path, overrides)
+    # The data source resolves what the config leaves to it (the image size).
+    cfg.data.image_size = build_data(cfg.data, cfg.task).image_size
+    print(cfg.to_yaml(), end="", flush=True)
+    return EXIT_OK
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """Evaluate a checkpoint on a split of its data (``vt.evaluate``)."""
     from visiontrain.api import evaluate
@@ -246,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(key=value on the command line still win)",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="show the fully resolved config",
+        description="`visiontrain config show [CONFIG.yaml] [key=value ...]` prints the config "
+        "a run would use: every key, with the data source's defaults filled in. key=null "
+        "unsets a key (back to its default), e.g. data.image_size=null.",
+    )
+    config_sub = p.add_subparsers(dest="config_verb", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config as YAML")
+    show.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    show.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser(
         "eval",

@@ -747,7 +747,9 @@ def resume_changes(
     old, new = _leaves(saved), _leaves(cfg.to_dict())
     fixed, allowed = [], []
     for key, value in new.items():
-        if key not in old or old[key] == value:
+        if key not in old or old[key] == value or old[key] is None:
+            # A key the checkpoint lacks (it is older) or left unset ("the default", which
+            # this config has now resolved) is not a change.
             continue
         change = (key, old[key], value)
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):

@@ -105,6 +105,9 @@ def build_parts(
         if note is not None:
             bundle.notes.append(note)
         set_cpu_threads(device, cfg.data.num_workers)
+    # The config records what the source resolved (its default image size), so config.yaml
+    # and every checkpoint hold the run's real settings, not "the default".
+    cfg.data.image_size = bundle.image_size
     task = build_task(cfg, bundle, device)
     check_monitor(cfg, task)
     model = build_model(cfg, bundle, device, model)
