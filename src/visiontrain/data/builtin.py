@@ -21,6 +21,7 @@ import torch
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     ArraySplit,
     DataBundle,
     channel_stats,
@@ -81,7 +82,16 @@ def build_digits(cfg: DataConfig, task: str) -> DataBundle:
     labels = digits.target.astype(np.int64)
     rest, test = stratified_split(labels, 0.2, cfg.split_seed + 7)
     names = [str(i) for i in range(10)]
-    return _bundle(images[rest], labels[rest], images[test], labels[test], names, cfg, 32, "digits")
+    return _bundle(
+        images[rest],
+        labels[rest],
+        images[test],
+        labels[test],
+        names,
+        cfg,
+        DEFAULT_IMAGE_SIZES["digits"],
+        "digits",
+    )
 
 
 # ---------------------------------------------------------------- MNIST (IDX files)
@@ -202,7 +212,7 @@ def build_mnist(cfg: DataConfig, task: str) -> DataBundle:
         test[1].astype(np.int64) if test else None,
         names,
         cfg,
-        28,
+        DEFAULT_IMAGE_SIZES["mnist"],
         "mnist",
     )
 
@@ -320,7 +330,14 @@ def _build_cifar(cfg: DataConfig, task: str) -> DataBundle:
         if isinstance(raw, list) and len(raw) == n_classes:
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
     return _bundle(
-        tx, ty, test[0] if test else None, test[1] if test else None, names, cfg, 32, cfg.name
+        tx,
+        ty,
+        test[0] if test else None,
+        test[1] if test else None,
+        names,
+        cfg,
+        DEFAULT_IMAGE_SIZES[cfg.name],
+        cfg.name,
     )
 
 

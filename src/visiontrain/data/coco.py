@@ -34,6 +34,7 @@ import torch
 from visiontrain.config import DataConfig
 from visiontrain.data import images
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
@@ -47,7 +48,6 @@ from visiontrain.errors import DataError
 
 # Working size when data.image_size is unset: detection needs more pixels than the 224 of
 # classification for small objects to survive the resize.
-DEFAULT_IMAGE_SIZE = 512
 SPLIT_FILES = {
     "train": "instances_train.json",
     "val": "instances_val.json",
@@ -393,7 +393,7 @@ def build_coco(cfg: DataConfig, task: str) -> DataBundle:
         test=optional("test"),
         class_names=class_names,
         in_channels=3,
-        image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
+        image_size=cfg.image_size or DEFAULT_IMAGE_SIZES["coco"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         same_size=False,

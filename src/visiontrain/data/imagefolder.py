@@ -19,6 +19,7 @@ import numpy as np
 from visiontrain.config import DataConfig
 from visiontrain.data.images import IMAGE_EXTENSIONS, file_problem
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
@@ -198,7 +199,7 @@ def _bundle(
         class_names=class_names or [],
         target_names=target_names or [],
         in_channels=3,
-        image_size=cfg.image_size or 224,
+        image_size=cfg.image_size or DEFAULT_IMAGE_SIZES["imagefolder"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         same_size=False,

@@ -33,6 +33,7 @@ from visiontrain.config import DataConfig
 from visiontrain.data import images as imagefiles
 from visiontrain.data.images import MAX_PIXELS
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
@@ -45,7 +46,6 @@ from visiontrain.data.sources import (
 from visiontrain.errors import DataError
 
 # Working size when data.image_size is unset.
-DEFAULT_IMAGE_SIZE = 256
 MASK_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IGNORE = 255
 
@@ -279,7 +279,7 @@ def build_masks(cfg: DataConfig, task: str) -> DataBundle:
         test=test,
         class_names=class_names,
         in_channels=3,
-        image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
+        image_size=cfg.image_size or DEFAULT_IMAGE_SIZES["masks"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         same_size=False,

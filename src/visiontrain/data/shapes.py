@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     ArraySplit,
     DataBundle,
     Split,
@@ -47,7 +48,7 @@ from visiontrain.io import atomic_write
 
 GENERATOR_VERSION = 1
 SHAPE_CLASSES = ("circle", "square", "triangle")
-DEFAULTS = {"image_size": 128, "train": 2000, "val": 300, "test": 300}
+DEFAULTS = {"train": 2000, "val": 300, "test": 300}
 # Objects per image, inclusive.
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
 # Object size (circle diameter, square side, triangle side) at 128 px; scaled with the size.
@@ -329,7 +330,7 @@ class ShapesSegmentationSplit(Split):
 )
 def build_shapes(cfg: DataConfig, task: str) -> DataBundle:
     """Build the embedded shapes dataset for ``task`` (generated once per split, cached)."""
-    size = cfg.image_size or DEFAULTS["image_size"]
+    size = cfg.image_size or DEFAULT_IMAGE_SIZES["shapes"]
     sizes = {
         "train": cfg.train_size or DEFAULTS["train"],
         "val": cfg.val_size or DEFAULTS["val"],

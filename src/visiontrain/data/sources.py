@@ -26,6 +26,20 @@ Target = int | np.ndarray | dict | torch.Tensor
 
 
 # Normalisation statistics of file sources: ImageNet's, what pretrained backbones expect.
+# The working size of each built-in source when data.image_size is unset (docs/config.md
+# lists them; tests/test_docs.py holds the two together).
+DEFAULT_IMAGE_SIZES = {
+    "defects": 48,
+    "digits": 32,
+    "mnist": 28,
+    "cifar10": 32,
+    "cifar100": 32,
+    "imagefolder": 224,
+    "coco": 512,
+    "masks": 256,
+    "shapes": 128,
+}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import (
+    DEFAULT_IMAGE_SIZES,
     ArraySplit,
     DataBundle,
     cache_key,
@@ -37,7 +38,7 @@ from visiontrain.io import atomic_write
 
 GENERATOR_VERSION = 1
 DEFECT_TYPES = ("scratch", "spot", "crack")
-DEFAULTS = {"image_size": 48, "train": 2000, "val": 600, "test": 600, "rate": 0.05}
+DEFAULTS = {"train": 2000, "val": 600, "test": 600, "rate": 0.05}
 # Regression wants damage on many images, of varied size and number.
 REGRESSION_DEFAULTS = {"rate": 0.5, "max_defects": 3}
 REGRESSION_TARGETS = ["area_pct", "count"]
@@ -195,7 +196,7 @@ def build_defects(cfg: DataConfig, task: str) -> DataBundle:
             "data.defect_classes labels classes; task=regression predicts the damaged area "
             "and the defect count instead. Remove data.defect_classes."
         )
-    size = cfg.image_size or DEFAULTS["image_size"]
+    size = cfg.image_size or DEFAULT_IMAGE_SIZES["defects"]
     default_rate = REGRESSION_DEFAULTS["rate"] if regression else DEFAULTS["rate"]
     rate = cfg.defect_rate if cfg.defect_rate is not None else default_rate
     max_defects = REGRESSION_DEFAULTS["max_defects"] if regression else 1
