@@ -179,3 +179,23 @@ def test_config_show_prints_every_key_resolved(cli, run):
     assert set(cfg) >= {"task", "data", "model", "loss", "optim", "schedule", "train", "run"}
     # config.yaml of a run holds the size the source resolved, not null.
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["image_size"] == 16
+
+
+def test_import_makes_a_registered_model_usable_on_every_verb(cli, tmp_path, monkeypatch):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "vt_first_hour_plugin.py").write_text(
+        "from torch import nn\n"
+        "import visiontrain as vt\n\n"
+        "@vt.register_model('first_hour_linear')\n"
+        "def build(num_classes, in_chans, **options):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    args = ["--import", "vt_first_hour_plugin"]
+    res = cli(*args, "train", *[a for a in TINY if not a.startswith("model.")],
+              "model.name=first_hour_linear", f"run.dir={tmp_path}", "run.name=p")  # fmt: skip
+    assert res.code == 0, res.err
+    ev = cli(*args, "eval", res.run_dir, "--format", "json")
+    assert ev.code == 0, ev.err
+    bad = cli("--import", "no_such_module_xyz", "eval", res.run_dir)
+    assert bad.code == 2 and "--import no_such_module_xyz" in bad.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import sys
 import traceback
@@ -24,7 +25,7 @@ from visiontrain.errors import (
     UserError,
     clean_message,
 )
-from visiontrain.tasks.metrics import HEADLINE_ORDER
+from visiontrain.headline import HEADLINE_ORDER
 from visiontrain.version import __version__
 
 EPILOG = (
@@ -227,14 +228,51 @@ def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return flat
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-command per verb."""
+# The verbs whose parsers live with their tools: imported only when that verb runs, so
+# `visiontrain --help`, `--version` and the light verbs start without torch.
+TOOL_VERBS = {
+    "compare": ("visiontrain.tools.compare", "compare the metrics of finished runs"),
+    "tune": ("visiontrain.tools.tune", "search hyperparameters with Optuna (small budgets)"),
+    "lr-find": ("visiontrain.tools.lr_find", "LR range test: suggest a learning rate for a config"),
+    "doctor": (
+        "visiontrain.tools.doctor",
+        "preflight: check data, model, training step, eval path, loader and precision",
+    ),
+    "bench": ("visiontrain.tools.bench", "measure the data loader or mixed precision for a config"),
+    "explain": (
+        "visiontrain.tools.explain",
+        "small experiments behind training defaults (init, norm)",
+    ),
+    "report": ("visiontrain.report", "(re)build a run's report.html and plots/"),
+    "export": (
+        "visiontrain.export.writer",
+        "export a run's best weights to .pt2 or .onnx, verified",
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per verb.
+
+    Args:
+        only: Build the full parser of this tool verb only (the others are listed by
+            name and summary); None builds every verb's parser.
+    """
     parser = argparse.ArgumentParser(
         prog="visiontrain",
         description="Train vision models fast, correctly and reproducibly.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"visiontrain {__version__}")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable): a module that registers your models, data "
+        "sources or losses (vt.register_model ...), so runs that use them load here",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     p = sub.add_parser(
@@ -320,37 +358,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="an unreadable image: stop (raise, default) or report it and predict the rest",
     )
     p.set_defaults(func=cmd_predict)
-    from visiontrain.tools.compare import add_parser as add_compare_parser
-
-    add_compare_parser(sub)
-    from visiontrain.tools.tune import add_parser as add_tune_parser
-
-    add_tune_parser(sub)
-    from visiontrain.tools.lr_find import add_parser as add_lr_find_parser
-
-    add_lr_find_parser(sub)
-    from visiontrain.tools.doctor import add_parser as add_doctor_parser
-
-    add_doctor_parser(sub)
-    from visiontrain.tools.bench import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
-    from visiontrain.tools.explain import add_parser as add_explain_parser
-
-    add_explain_parser(sub)
-    from visiontrain.report import add_parser as add_report_parser
-
-    add_report_parser(sub)
-    from visiontrain.export.writer import add_parser as add_export_parser
-
-    add_export_parser(sub)
+    for verb, (module, summary) in TOOL_VERBS.items():
+        if only is None or only == verb:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            # Listed for --help without importing the tool (and torch) behind it.
+            sub.add_parser(verb, help=summary)
     return parser
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    """The verb of a command line (the first word that is not an option or its value)."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--import":
+            i += 2
+            continue
+        if not word.startswith("-"):
+            return word
+        i += 1
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``visiontrain`` command."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_verb_of(argv) or "")
     args = parser.parse_args(argv)
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(
+                f"error: --import {module}: {exc}. Pass an importable module (on PYTHONPATH "
+                "or installed), e.g. --import mypackage.models.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_BAD_INPUT
     if not getattr(args, "verb", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -41,11 +41,11 @@ from visiontrain.errors import (
     Interrupted,
     RunError,
 )
+from visiontrain.headline import HEADLINE_ORDER
 from visiontrain.models.build import user_model_class
 from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visiontrain.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.tasks.base import Task
-from visiontrain.tasks.metrics import HEADLINE_ORDER
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from visiontrain.headline import HEADLINE_ORDER, NOT_HEADLINE
 from visiontrain.report.figures import Plot
 from visiontrain.report.html import (
     definition_list,
@@ -15,7 +16,6 @@ from visiontrain.report.html import (
     table,
 )
 from visiontrain.report.rundata import RunData, is_number
-from visiontrain.tasks.metrics import HEADLINE_ORDER, NOT_HEADLINE
 
 SPLITS = ("val", "test")
 

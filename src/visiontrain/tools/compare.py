@@ -27,14 +27,9 @@ from rich.console import Console
 from rich.table import Table
 
 from visiontrain.errors import EXIT_OK, UserError
+from visiontrain.headline import HEADLINE_ORDER, NOT_HEADLINE, PER_CLASS_ORDER, PER_TARGET_ORDER
 from visiontrain.report.rundata import RunSummary
 from visiontrain.rundir import SUMMARY_FILE
-from visiontrain.tasks.metrics import (
-    HEADLINE_ORDER,
-    NOT_HEADLINE,
-    PER_CLASS_ORDER,
-    PER_TARGET_ORDER,
-)
 
 SPLITS = ("test", "val")
 MISSING = "—"

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from visiontrain.engine.callbacks import Callback
-from visiontrain.tasks.metrics import HEADLINE_ORDER
+from visiontrain.headline import HEADLINE_ORDER
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer
