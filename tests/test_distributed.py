@@ -141,7 +141,7 @@ def test_ddp_writes_one_run_from_rank_zero(ddp_run):
     assert s["world_size"] == 2
     assert s["metrics"]["val"]["samples"] == 41 and s["metrics"]["test"]["samples"] == 39
     assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == [
-        "best.pt", "epoch-0000.pt", "epoch-0001.pt", "last.pt",
+        "best.pt", "epoch-0001.pt", "epoch-0002.pt", "last.pt",
     ]  # fmt: skip
     records = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     # 96 images over 2 ranks of 16: 3 updates an epoch, each logged once (not twice).
@@ -178,7 +178,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path, cli)
     shutil.copytree(ddp_run, copy)
     r = cli(
         "train", *DDP_TINY, "train.progress=none", "train.epochs=3",
-        f"run.resume={copy / 'checkpoints' / 'epoch-0001.pt'}",
+        f"run.resume={copy / 'checkpoints' / 'epoch-0002.pt'}",
     )  # fmt: skip
     assert r.code == 0, r.err
     s = summary(copy)

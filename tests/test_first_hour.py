@@ -156,7 +156,7 @@ def test_an_epoch_writes_its_state_once_and_the_run_says_its_size(cli, tmp_path)
               "run.keep_last=1")  # fmt: skip
     assert res.code == 0, res.err
     folder = res.run_dir / "checkpoints"
-    last, epoch = (folder / "last.pt").stat(), (folder / "epoch-0001.pt").stat()
+    last, epoch = (folder / "last.pt").stat(), (folder / "epoch-0002.pt").stat()
     assert (last.st_ino, last.st_dev) == (epoch.st_ino, epoch.st_dev)  # one file, two names
     assert "MiB on disk" in res.out
     # A later rewrite of last.pt (a resume that trains on) leaves the epoch file alone.
@@ -165,7 +165,7 @@ def test_an_epoch_writes_its_state_once_and_the_run_says_its_size(cli, tmp_path)
     assert more.code == 0, more.err
     from visiontrain.engine.checkpoint import load_checkpoint
 
-    assert load_checkpoint(folder / "epoch-0001.pt")["counters"]["epochs_done"] == 2
+    assert load_checkpoint(folder / "epoch-0002.pt")["counters"]["epochs_done"] == 2
     assert load_checkpoint(folder / "last.pt")["counters"]["epochs_done"] == 3
 
 

@@ -86,10 +86,10 @@ def test_early_stopping_stops_and_restores_best(cli, tmp_path):
     assert res.code == 0
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["stopped_early"] is True
-    assert summary["epochs_run"] == 3  # epoch 0 sets the bar, 1 and 2 fail to beat it by 1.0
+    assert summary["epochs_run"] == 3  # epoch 1 sets the bar, 2 and 3 fail to beat it by 1.0
     val = [r["loss"] for r in _train_records(res.run_dir) if r["split"] == "val"]
     assert len(val) == 3
-    assert summary["best_epoch"] == val.index(min(val))
+    assert summary["best_epoch"] == val.index(min(val)) + 1  # 1-based
     assert summary["metrics"]["val"]["loss"] == pytest.approx(min(val))
 
 

@@ -57,7 +57,7 @@ def test_metrics_records_carry_step_epoch_split_and_hparams(tiny_run):
     assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= r.keys() for r in train)
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train)
     val = [r for r in records if r["split"] == "val"]
-    assert [r["epoch"] for r in val] == [0, 1]
+    assert [r["epoch"] for r in val] == [1, 2]  # epochs count from 1 everywhere
     assert all({"loss", "accuracy", "macro_f1", "per_class"} <= r.keys() for r in val)
 
 
@@ -82,7 +82,7 @@ def test_summary_matches_scikit_learn_on_the_same_predictions(tiny_run):
         assert row["support"] == s[i]
     assert test["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-6)
     assert test["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-6)
-    assert summary["best_epoch"] in (0, 1)
+    assert summary["best_epoch"] in (1, 2)
     assert summary["monitor"] == "val/loss"
     assert np.asarray(test["confusion_matrix"]).sum() == len(y)
 

@@ -356,7 +356,7 @@ def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
         "task": trainer.task.name,
         "monitor": trainer.cfg.train.monitor,
         "monitor_mode": trainer.monitor_mode,
-        "best_epoch": ck.best_epoch,
+        "best_epoch": None if ck.best_epoch is None else ck.best_epoch + 1,  # 1-based
         "best_step": ck.best_step,
         "best_score": ck.best_score,
         "epochs_run": trainer.epochs_done,

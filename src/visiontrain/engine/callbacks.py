@@ -154,7 +154,7 @@ class Checkpointer(Callback):
         if trainer.improved:
             put(self.folder / BEST_CHECKPOINT)
         if self.keep_last > 0:
-            put(self.folder / f"epoch-{trainer.epoch:04d}.pt")
+            put(self.folder / f"epoch-{trainer.epoch + 1:04d}.pt")
             epochs = sorted(self.folder.glob("epoch-*.pt"))
             for old in epochs[: -self.keep_last]:
                 old.unlink(missing_ok=True)

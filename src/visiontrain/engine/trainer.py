@@ -521,7 +521,8 @@ class Trainer:
     def _emit(self, record: dict[str, Any]) -> None:
         record = {
             "step": self.global_step,
-            "epoch": self.epoch,
+            # 1-based, as the console counts: everything a user reads numbers epochs so.
+            "epoch": self.epoch + 1,
             **record,
             "time": round(self.elapsed(), 4),
             "hparams": self.hparams(),

@@ -34,10 +34,10 @@ def _mark_best(ax: Any, run: RunData, xs: list[float], ys: list[float]) -> None:
     if best is None:
         return
     ax.axvline(
-        best + 1, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best (epoch {best + 1})"
+        best, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best (epoch {best})"
     )
     for x, y in zip(xs, ys, strict=True):
-        if x == best + 1:
+        if x == best:
             ax.plot([x], [y], marker="*", markersize=14, color=BEST_COLOR, linestyle="none")
 
 
@@ -72,7 +72,7 @@ def monitor_plot(run: RunData) -> Plot | None:
     for r in run.kind("eval", "val"):
         value = monitor_value(r, run.monitor)
         if value is not None and is_number(r.get("epoch")):
-            xs.append(float(r["epoch"]) + 1)
+            xs.append(float(r["epoch"]))
             ys.append(value)
     if not xs:
         return None
@@ -192,7 +192,7 @@ def comparison_curves(runs: list[RunData], names: list[str]) -> list[Plot]:
             for r in run.kind("eval", "val"):
                 value = monitor_value(r, key if "/" in key else f"val/{key}")
                 if value is not None and is_number(r.get("epoch")):
-                    xs.append(float(r["epoch"]) + 1)
+                    xs.append(float(r["epoch"]))
                     ys.append(value)
             if xs:
                 ax.plot(xs, ys, marker="o", label=name)

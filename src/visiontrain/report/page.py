@@ -66,7 +66,7 @@ def header_facts(run: RunData) -> list[tuple[str, Any]]:
         ("monitor", f"{run.monitor} ({run.monitor_mode})"),
         (
             "best checkpoint",
-            f"epoch {best + 1}, {run.monitor} {score:.4f}"
+            f"epoch {best}, {run.monitor} {score:.4f}"
             if best is not None and score is not None
             else "none yet",
         ),
@@ -144,7 +144,7 @@ def render_run_page(run: RunData, curves: Sequence[Plot], task_plots: Sequence[P
         run.config.get("data") or {}
     )
     if best is not None and score is not None:
-        subtitle += f" · best epoch {best + 1}: {run.monitor} {score:.4f}"
+        subtitle += f" · best epoch {best}: {run.monitor} {score:.4f}"
     per_class = detail_tables(run)
     body = "".join(
         [

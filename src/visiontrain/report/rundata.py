@@ -107,7 +107,7 @@ class RunData:
         return evals[-1]
 
     def best_epoch(self) -> int | None:
-        """The 0-based epoch of the best checkpoint: summary.json's, else from the records."""
+        """The (1-based) epoch of the best checkpoint: summary.json's, else from the records."""
         if self.summary is not None and isinstance(self.summary.get("best_epoch"), int):
             return int(self.summary["best_epoch"])
         scored = [

@@ -70,13 +70,13 @@ class ProgressPrinter(Callback):
                 self.progress.update(
                     self.task_id,
                     completed=record["step"],
-                    epoch=f"{record['epoch'] + 1}/{epochs}",
+                    epoch=f"{record['epoch']}/{epochs}",
                     status=status,
                     refresh=True,
                 )
             elif self.mode == "plain":
                 self.console.print(
-                    f"epoch {record['epoch'] + 1}/{epochs}  step {record['step']}/"
+                    f"epoch {record['epoch']}/{epochs}  step {record['step']}/"
                     f"{trainer.horizon.total_updates}  {status}",
                     highlight=False,
                 )
@@ -84,7 +84,7 @@ class ProgressPrinter(Callback):
             keys = [k for k in HEADLINE_ORDER if k != "threshold" and k in record][:4]
             line = "  ".join(f"{k} {record[k]:.4f}" for k in keys)
             self.console.print(
-                f"[{split}] epoch {record['epoch'] + 1}/{epochs}  {line}",
+                f"[{split}] epoch {record['epoch']}/{epochs}  {line}",
                 highlight=False,
                 markup=False,
             )
