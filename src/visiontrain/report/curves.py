@@ -33,9 +33,7 @@ def _mark_best(ax: Any, run: RunData, xs: list[float], ys: list[float]) -> None:
     best = run.best_epoch()
     if best is None:
         return
-    ax.axvline(
-        best, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best (epoch {best})"
-    )
+    ax.axvline(best, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best (epoch {best})")
     for x, y in zip(xs, ys, strict=True):
         if x == best:
             ax.plot([x], [y], marker="*", markersize=14, color=BEST_COLOR, linestyle="none")
