@@ -17,7 +17,15 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from visiontrain.config import Config, build_config, read_yaml, resume_changes, set_values
+from visiontrain.config import (
+    Config,
+    build_config,
+    flatten_keys,
+    parse_overrides,
+    read_yaml,
+    resume_changes,
+    set_values,
+)
 from visiontrain.data import build_data
 from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.user import SOURCE_NAME, DatasetSource
@@ -447,27 +455,11 @@ def resolve_config(
         tree, source = {}, "the arguments"
     else:
         tree, source = read_yaml(config), f"{config} + overrides"
-    cfg = build_config(tree, overrides, source)
-    if keys:
-        flat: dict[str, Any] = {}
-        for key, value in keys.items():
-            if isinstance(value, Mapping):
-                flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
-            else:
-                flat[key] = value
-        cfg = build_config(set_values(cfg.to_dict(), flat), (), f"{source} + keyword arguments")
-    return cfg
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a nested mapping: ``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    if not keys:
+        return build_config(tree, overrides, source)
+    # Overrides, then keyword keys (which win), into one tree validated once.
+    tree = set_values(tree, dict(parse_overrides(overrides)))
+    return build_config(set_values(tree, flatten_keys(keys)), (), f"{source} + keyword arguments")
 
 
 def refuse_tune_keys(overrides: Sequence[str]) -> None:

@@ -720,11 +720,12 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested config tree: ``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -744,7 +745,7 @@ def resume_changes(
         those it may (:data:`RESUMABLE_CHANGES`). Keys the checkpoint does not have (it is
         older than them) are not compared.
     """
-    old, new = _leaves(saved), _leaves(cfg.to_dict())
+    old, new = flatten_keys(saved), flatten_keys(cfg.to_dict())
     fixed, allowed = [], []
     for key, value in new.items():
         if key not in old or old[key] == value or old[key] is None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontrain.data.images import decode_file
+from visiontrain.data.images import LOADER_SKIP, decode_file
 from visiontrain.data.transforms import build_transform, fit_square
 from visiontrain.data.user import to_uint8_chw
 from visiontrain.engine.restore import Loaded, load_trained
@@ -33,8 +33,7 @@ def load_for_predict(target: str | Path, model: nn.Module | None = None) -> Load
     return load_exported(target) if is_artifact(target) else load_trained(target, model=model)
 
 
-# What the loaders' messages suggest for an unreadable file, and what predict takes instead.
-_LOADER_HINT = "data.on_error=skip to skip unreadable files"
+# What predict takes instead of the loaders' data.on_error=skip.
 _PREDICT_HINT = "on_error='skip' (predict --on-error skip) to predict the other images"
 
 
@@ -44,7 +43,7 @@ def _image(item: Any, channels: int) -> torch.Tensor:
         try:
             return decode_file(Path(item), channels)
         except DataError as exc:
-            raise DataError(str(exc).replace(_LOADER_HINT, _PREDICT_HINT)) from None
+            raise DataError(str(exc).replace(LOADER_SKIP, _PREDICT_HINT)) from None
     if channels == 1 and getattr(item, "ndim", 0) == 3 and 3 in (item.shape[0], item.shape[-1]):
         # An RGB array or tensor for a grey model: the luma a file decodes to.
         from torchvision.transforms.v2.functional import rgb_to_grayscale
@@ -213,11 +212,9 @@ def write_masks(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
 def draw_boxes(rows: list[dict[str, Any]], out_dir: Path, names: list[str]) -> None:
     """Save each image with its detections drawn and labelled; the row names its file."""
-    import torch
     from torchvision.io import encode_png
     from torchvision.utils import draw_bounding_boxes
 
-    from visiontrain.data.images import decode_file
     from visiontrain.io import atomic_write
 
     rows = [row for row in rows if "error" not in row]  # unreadable: nothing to draw

@@ -28,7 +28,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k).
 MAX_PIXELS = 256_000_000
 # Appended to every per-file decode error: how to go on without fixing the file now.
-SKIP_HINT = "replace or delete it, or set data.on_error=skip to skip unreadable files"
+# How a training run skips unreadable files; predict offers its own option instead.
+LOADER_SKIP = "data.on_error=skip to skip unreadable files"
+SKIP_HINT = f"replace or delete it, or set {LOADER_SKIP}"
 
 
 def file_problem(path: Path) -> str | None:
@@ -239,10 +241,7 @@ def decode_file(path: str | Path, channels: int = 3) -> torch.Tensor:
     path = Path(path)
     problem = file_problem(path)
     if problem is not None:
-        raise DataError(
-            f"cannot read image {path}: {problem}. Or set data.on_error=skip to skip "
-            "unreadable files."
-        )
+        raise DataError(f"cannot read image {path}: {problem}. Or set {LOADER_SKIP}.")
     try:
         with open(path, "rb") as fh:
             # One read into a writable buffer: the header check and the decoder share it.

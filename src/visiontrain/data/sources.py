@@ -40,6 +40,19 @@ DEFAULT_IMAGE_SIZES = {
     "shapes": 128,
 }
 
+# Optional data keys every source honours: the working size, pinning, split caps.
+COMMON_DATA_KEYS = frozenset(
+    {
+        "image_size",
+        "pin_memory",
+        "train_size",
+        "val_size",
+        "test_size",
+        "epoch_samples",
+        "train_fraction",
+    }
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -324,32 +337,35 @@ def build_data(cfg: DataConfig, task: str = "classification") -> DataBundle:
             f"{', '.join(sorted(entry.tasks))}). For task {task} use data.name= one of "
             f"{', '.join(fits) or '(none yet)'}."
         )
-    always = {
-        "image_size",
-        "pin_memory",
-        "train_size",
-        "val_size",
-        "test_size",
-        "epoch_samples",
-        "train_fraction",
-        "cache",
-    }
+    always = {*COMMON_DATA_KEYS, "cache"}
     if cfg.cache == "disk":
         always.add("cache_dir")  # where the disk cache of decoded images goes
     refuse_unused(cfg, "data", entry.uses | always, f"data source {cfg.name}")
     bundle = entry.build(cfg, task)
     prepare_splits(bundle, cfg)
-    if not entry.generates:
+    cap_splits(bundle, cfg, cap=not entry.generates)
+    for name, split in (("train", bundle.train), ("val", bundle.val)):
+        if len(split) == 0:
+            raise DataError(f"the {name} split of data source {cfg.name} is empty.")
+    return bundle
+
+
+def cap_splits(bundle: DataBundle, cfg: DataConfig, cap: bool = True) -> None:
+    """Apply ``data.train_size``/``val_size``/``test_size`` and ``data.train_fraction``.
+
+    Args:
+        bundle: Its splits are replaced by their capped subsets.
+        cfg: The data config.
+        cap: Whether the sizes cap the splits (real data: a fixed random subset); a
+            generating source has made that many already.
+    """
+    if cap:
         bundle.train = cap_split(bundle.train, cfg.train_size, cfg.split_seed)
         bundle.val = cap_split(bundle.val, cfg.val_size, cfg.split_seed + 1)
         if bundle.test is not None:
             bundle.test = cap_split(bundle.test, cfg.test_size, cfg.split_seed + 2)
     # After the cap, so that a fraction of a capped source is a fraction of what trains.
     bundle.train = fraction_split(bundle.train, cfg.train_fraction, cfg.split_seed + 3)
-    for name, split in (("train", bundle.train), ("val", bundle.val)):
-        if len(split) == 0:
-            raise DataError(f"the {name} split of data source {cfg.name} is empty.")
-    return bundle
 
 
 def base_splits(bundle: DataBundle) -> list[Split]:

@@ -24,30 +24,20 @@ from torch.utils.data import Dataset
 
 from visiontrain.config import DataConfig, refuse_unused
 from visiontrain.data.sources import (
+    COMMON_DATA_KEYS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
     Split,
     Target,
     as_targets,
-    cap_split,
-    fraction_split,
+    cap_splits,
 )
 from visiontrain.errors import ConfigError, DataError
 
 TASKS = ("classification", "regression", "detection", "segmentation")
 # The name runs, checkpoints and config.yaml record for data that came from Python.
 SOURCE_NAME = "datasets"
-# Data keys that make sense for a user's Datasets (the loader's and the split caps).
-_USED = {
-    "image_size",
-    "pin_memory",
-    "train_size",
-    "val_size",
-    "test_size",
-    "epoch_samples",
-    "train_fraction",
-}
 
 
 def to_uint8_chw(image: Any, channels: int, where: str) -> torch.Tensor:
@@ -232,11 +222,15 @@ class DatasetSource:
         self.test = (
             None if test is None else DatasetSplit(test, "test", task, channels, n_cls, n_tgt)
         )
+        # (H, W) of each split's first image, which is checked here (a wrong image or target
+        # type fails now, not in a loader worker).
+        self._first_sizes: list[tuple[int, int]] = []
         for split in (self.train, self.val, self.test):
             if split is not None:
                 if len(split) == 0:
                     raise DataError(f"the {split.name} Dataset is empty.")
-                split.load(0)  # a wrong image or target type fails here, not in a worker
+                hw = split.load(0)[0].shape[-2:]
+                self._first_sizes.append((int(hw[0]), int(hw[1])))
         if task in ("classification", "regression"):
             self.train.labels = _labels_of(train, task, self.train)
 
@@ -257,42 +251,28 @@ class DatasetSource:
                 "vt.data.from_datasets was given no val Dataset; training monitors a "
                 "validation metric (best checkpoint, early stopping). Pass val=..."
             )
-        refuse_unused(cfg, "data", _USED, "a source of Python Datasets")
+        refuse_unused(cfg, "data", COMMON_DATA_KEYS, "a source of Python Datasets")
         if cfg.cache != "none" or cfg.download:
             raise ConfigError(
                 "data.cache and data.download apply to file sources; a Python Dataset "
                 "loads its own samples. Remove them."
             )
         size = cfg.image_size or self.image_size
-        same = self._same_size(size)
-        train = fraction_split(
-            cap_split(self.train, cfg.train_size, cfg.split_seed),
-            cfg.train_fraction,
-            cfg.split_seed + 3,
-        )
-        val = cap_split(self.val, cfg.val_size, cfg.split_seed + 1)
-        test = (
-            None if self.test is None else cap_split(self.test, cfg.test_size, cfg.split_seed + 2)
-        )
-        return DataBundle(
-            train=train,
-            val=val,
-            test=test,
+        bundle = DataBundle(
+            train=self.train,
+            val=self.val,
+            test=self.test,
             class_names=list(self.class_names),
             in_channels=self.channels,
             image_size=size,
             mean=self.mean,
             std=self.std,
-            same_size=same,
+            # Whether the images need the loader's fit to the working size.
+            same_size=all(hw == (size, size) for hw in self._first_sizes),
             target_names=list(self.target_names),
         )
-
-    def _same_size(self, size: int) -> bool:
-        """Whether the first image of each split already is ``size`` x ``size``."""
-        for split in (self.train, self.val, self.test):
-            if split is not None and tuple(split.load(0)[0].shape[-2:]) != (size, size):
-                return False
-        return True
+        cap_splits(bundle, cfg)
+        return bundle
 
 
 def from_datasets(

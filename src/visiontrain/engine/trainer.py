@@ -260,8 +260,9 @@ class Trainer:
                 # Under DDP the ranks agree on stopping at log steps only: one tiny
                 # all-reduce per log interval instead of one per update.
                 self._check_stop(sync_point=log_due)
-        self._accum.epoch_seconds += time.perf_counter() - start
-        self._accum.epoch_rate_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._accum.epoch_seconds += seconds
+        self._accum.epoch_rate_seconds += seconds
         self.timings["train_s"] += time.perf_counter() - start
         self._log_train_epoch()
 

@@ -58,26 +58,27 @@ def build_model(
                 "that shape a registered model would be ignored. Remove them (or build them "
                 "into your module)."
             )
-        init_weights(model, m.init)
-        model = model.to(device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-    model = create_model(
-        m.name,
-        num_classes=bundle.num_outputs,
-        in_chans=bundle.in_channels,
-        pretrained=m.pretrained,
-        task=cfg.task,
-        image_size=bundle.image_size,
-        encoder=m.encoder,
-        dropout=m.dropout,
-        drop_path=m.drop_path,
-        width=m.width,
-        depth=m.depth,
-        norm=m.norm,
-    )
+    else:
+        model = create_model(
+            m.name,
+            num_classes=bundle.num_outputs,
+            in_chans=bundle.in_channels,
+            pretrained=m.pretrained,
+            task=cfg.task,
+            image_size=bundle.image_size,
+            encoder=m.encoder,
+            dropout=m.dropout,
+            drop_path=m.drop_path,
+            width=m.width,
+            depth=m.depth,
+            norm=m.norm,
+        )
     init_weights(model, m.init)
+    return place(model, cfg, device)
+
+
+def place(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """``model`` on ``device``, in ``channels_last`` when ``train.channels_last`` asks."""
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
