@@ -350,6 +350,7 @@ def fit_and_summarise(trainer: Trainer, start: float, report: bool = False) -> d
             )
             write_report(trainer.run_dir, source=source)
     finally:
+        trainer.train_model.close()  # before the process group goes (TrainModel.close)
         for cb in trainer.callbacks:
             cb.close()
     return summary

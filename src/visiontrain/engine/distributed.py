@@ -14,6 +14,7 @@ is item ``i // N`` of rank ``i % N`` and :func:`interleave` restores the order e
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,4 +219,7 @@ def distributed_session(device_name: str, timeout_s: float = 1800) -> Iterator[D
         yield _CURRENT
     finally:
         _CURRENT = previous
+        # Free what still holds the group (a closed DDP wrapper in a reference cycle)
+        # while it is alive, so no Gloo destructor runs after the teardown.
+        gc.collect()
         dist.destroy_process_group()

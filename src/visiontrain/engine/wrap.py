@@ -166,6 +166,20 @@ class TrainModel:
             return nullcontext()
         return self.ddp.no_sync()
 
+    def close(self) -> None:
+        """Drop the DDP and compile wrappers; the plain module stays usable.
+
+        Called when training ends, while the process group is still up: DDP's reducer
+        holds the group, and freed later (after ``destroy_process_group``, by the garbage
+        collector, holding the GIL) its Gloo destructor can wait forever on a worker thread
+        that needs the GIL to free an all-gather's tensors.
+        """
+        if self.ddp is not None:
+            self.eager = self.ddp.module
+            self.ddp = None
+        self.compiled = None
+        self.compile_state = "off"
+
     def first_step(self, step: Callable[[], None], reset: Callable[[], None]) -> None:
         """Run ``step``; if compiling it fails, ``reset`` and run it again eagerly."""
         if self.compile_state != "pending":
