@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/cli_startup.py [--rounds N]
 
-Runs ``python -m visiontrain --version`` and ``--help`` (and ``train --help``) in fresh
-processes, alternating, and prints the median and the slowest of each. The target is
+Runs ``python -m visiontrain --version``, ``--help``, ``train --help`` and ``doctor --help``
+in fresh processes, alternating, and prints the median and the slowest of each, and the
+ratio of the verb that imports its tool to ``--help``. The target is
 under a second: the parser imports no tool (and no torch) until a verb that needs it runs.
 """
 
@@ -37,6 +38,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     for name, values in times.items():
         print(f"{name:34s} median {statistics.median(values):.3f} s  max {max(values):.3f} s")
+    # Side by side in one run: a verb that imports its tool (and torch) against --help,
+    # which imports none; the ratio is what lazy verbs save at every light start.
+    heavy = statistics.median(times["doctor --help (imports its tool)"])
+    light = statistics.median(times["--help"])
+    print(f"ratio: doctor --help / --help = {heavy / light:.1f}x")
 
 
 if __name__ == "__main__":
