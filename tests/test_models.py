@@ -12,9 +12,14 @@ def test_duplicate_registration_raises():
 
 
 @pytest.mark.parametrize("name", list_models("classification"))
+def test_builtin_models_forward(name):
+    model = create_model(name, num_classes=3, in_chans=1, width=4)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+
+
 @pytest.mark.parametrize("norm", ["batch", "layer", "group", "none"])
-def test_builtin_models_forward(name, norm):
-    model = create_model(name, num_classes=3, in_chans=1, width=4, depth=2, norm=norm)
+def test_simple_cnn_norms_forward(norm):
+    model = create_model("simple_cnn", num_classes=3, in_chans=1, width=4, depth=2, norm=norm)
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
 
 

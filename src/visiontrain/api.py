@@ -111,12 +111,13 @@ def assemble(
             f"optim.lr=find with a resumed run ({plan.resume_from}): the run's learning rate "
             "is already fixed. Pass the number from its config.yaml as optim.lr."
         )
-    parts = build_parts(cfg, model, data)
+    parts = build_parts(cfg, model, data, start_from_weights=plan.resume_from is None)
     device, bundle, task, model = parts.device, parts.bundle, parts.task, parts.model
     optimizer, loaders = parts.optimizer, parts.loaders
     horizon = Horizon(
         epochs=cfg.train.epochs,
         updates_per_epoch=math.ceil(len(loaders.train.batch_sampler) / cfg.train.accumulate),
+        head_epochs=cfg.train.freeze_epochs,
     )
     schedule = build_schedule(optimizer, cfg.schedule, buildable_optim(cfg.optim), horizon)
     precision = Precision(cfg.train.precision, device)
@@ -192,6 +193,8 @@ def assemble(
         train_model=TrainModel(model, dist, device, cfg.train.compile, _say(console, dist)),
         ema=ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None,
         dist=dist,
+        freeze=parts.freeze,
+        weights_info=[r.to_dict() for r in parts.weights],
     )
     if schedule.interval == "metric":
         schedule.scheduler.mode = trainer.monitor_mode
@@ -373,6 +376,7 @@ def write_summary(trainer: Trainer, wall_seconds: float) -> dict[str, Any]:
         "stopped_early": bool(es and es.stopped_epoch is not None),
         "metrics": {k: v for k, v in trainer.results.items() if k in ("val", "test")},
         **trainer.task.summary_info(),
+        "weights": trainer.weights_info,
         "skipped_files": {"count": len(trainer.skipped), "files": sorted(trainer.skipped)},
         "nan": {
             "policy": trainer.nan.policy,

@@ -105,6 +105,15 @@ class ModelConfig(_Section):
     depth: int | None = Field(None, ge=1, le=8)
     norm: Literal["batch", "layer", "group", "none"] | None = None
     encoder: str | None = None
+    # Start from these weights: a run directory, a visiontrain checkpoint, a state dict
+    # (.pt/.pth, read with weights_only=True) or a .safetensors file (models/weights.py).
+    weights: str | None = None
+    # Detection/segmentation: weights for the backbone/encoder alone (a classifier's).
+    backbone_weights: str | None = None
+    # Module-name prefixes whose parameters never train (`[stem, layer1]`).
+    freeze: list[str] = []
+    # BatchNorm statistics and affine parameters frozen (FrozenBatchNorm2d): small batches.
+    freeze_bn: bool = False
 
 
 class LossConfig(_Section):
@@ -166,6 +175,10 @@ class OptimConfig(_Section):
     betas: tuple[float, float] | None = None
     eps: float | None = Field(None, gt=0.0, le=1.0)
     decay_norm_bias: bool = False
+    # Transfer learning: the backbone trains at this factor x optim.lr, the head at optim.lr.
+    backbone_lr_factor: float | None = Field(None, gt=0.0, le=1.0)
+    # Layer-wise LR decay (timm's grouping): layer k of L trains at layer_decay^(L-1-k) x lr.
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("betas")
     @classmethod
@@ -229,6 +242,8 @@ class TrainConfig(_Section):
     grad_clip_value: float | None = Field(None, gt=0.0)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     deterministic: bool = False
+    # Fine-tuning: only the head trains for this many epochs, then the whole model.
+    freeze_epochs: int = Field(0, ge=0, le=100_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -706,6 +721,9 @@ RESUMABLE_CHANGES = (
     "train.max_rollbacks",
     "train.nan_lr_factor",
     "data.root",
+    # The initial weights are read only when a run starts, never on a resume.
+    "model.weights",
+    "model.backbone_weights",
     "data.num_workers",
     "data.pin_memory",
     "data.prefetch_factor",

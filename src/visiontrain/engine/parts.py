@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,12 +17,15 @@ from visiontrain.data.transforms import Normalizer
 from visiontrain.data.user import DatasetSource
 from visiontrain.data.workers import resolve_num_workers, set_cpu_threads
 from visiontrain.engine.distributed import current
+from visiontrain.engine.freeze import FreezePhase, freeze_prefixes
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.step import BatchPrep, Step
 from visiontrain.engine.wrap import convert_sync_bn, enable_activation_checkpointing
 from visiontrain.errors import ConfigError, did_you_mean
-from visiontrain.models.build import build_model
+from visiontrain.models.build import build_model, start_weights
+from visiontrain.models.heads import find_head
+from visiontrain.models.weights import WeightsReport
 from visiontrain.seed import sample_seed, seed_everything, set_deterministic
 from visiontrain.tasks import Task, build_task
 from visiontrain.tasks.base import task_class
@@ -74,10 +77,16 @@ class Parts:
     optimizer: torch.optim.Optimizer
     loaders: Loaders
     notes: list[str]
+    # train.freeze_epochs (None without it); what model.weights/pretrained loaded.
+    freeze: FreezePhase | None = None
+    weights: list[WeightsReport] = field(default_factory=list)
 
 
 def build_parts(
-    cfg: Config, model: nn.Module | None = None, data: DatasetSource | None = None
+    cfg: Config,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    start_from_weights: bool = True,
 ) -> Parts:
     """Seed, then build data, task, model, optimizer and loaders (no schedule, nothing written).
 
@@ -88,6 +97,8 @@ def build_parts(
         cfg: The resolved config.
         model: A user's own module instead of ``model.name``.
         data: A user's Datasets (``vt.data.from_datasets``) instead of ``data.name``.
+        start_from_weights: Load ``model.pretrained``/``weights``/``backbone_weights``
+            (False on a resume: the checkpoint holds the weights).
     """
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
@@ -114,6 +125,25 @@ def build_parts(
     if data is not None or model is not None:
         check_outputs(cfg, bundle, model, device)
     notes: list[str] = []
+    weights = start_weights(cfg, model) if start_from_weights else []
+    for report in weights:
+        notes.extend(report.notes())
+    if cfg.model.freeze:
+        notes.append(freeze_prefixes(model, cfg.model.freeze))
+    freeze = None
+    if cfg.train.freeze_epochs:
+        if cfg.train.freeze_epochs >= cfg.train.epochs:
+            raise ConfigError(
+                f"train.freeze_epochs={cfg.train.freeze_epochs} leaves no epoch in which the "
+                f"whole model trains (train.epochs={cfg.train.epochs}); lower it or raise "
+                "train.epochs."
+            )
+        head = find_head(model)
+        freeze = FreezePhase(model, head, cfg.train.freeze_epochs)
+        notes.append(
+            f"train.freeze_epochs={cfg.train.freeze_epochs}: only the head "
+            f"({', '.join(head.head)}; {head.rule}) trains first, then every layer"
+        )
     dist = current()
     if cfg.train.sync_bn:
         model, note = convert_sync_bn(model, dist, device)
@@ -126,7 +156,7 @@ def build_parts(
         # Same initial weights on every rank (seeded alike above; DDP broadcasts rank 0's
         # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
         seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
-    return Parts(device, bundle, task, model, optimizer, loaders, notes)
+    return Parts(device, bundle, task, model, optimizer, loaders, notes, freeze, weights)
 
 
 def build_prep(cfg: Config, bundle: DataBundle, device: torch.device, rank: int = 0) -> BatchPrep:

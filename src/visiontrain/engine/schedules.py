@@ -32,6 +32,8 @@ class Horizon:
 
     epochs: int
     updates_per_epoch: int
+    # train.freeze_epochs: the first epochs train the head alone (a phase of their own).
+    head_epochs: int = 0
 
     @property
     def total_updates(self) -> int:
@@ -121,9 +123,11 @@ def _plateau(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) ->
 
 @register_schedule("onecycle", ("max_lr", "pct_start"))
 def _onecycle(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    peak = _or(cfg.max_lr, o.lr)
     sched = lr_scheduler.OneCycleLR(
         opt,
-        max_lr=_or(cfg.max_lr, o.lr),
+        # Each parameter group peaks at its own share (backbone factor, layer decay).
+        max_lr=[peak * g.get("lr_scale", 1.0) for g in opt.param_groups],
         total_steps=max(1, h.total_updates),
         pct_start=_or(cfg.pct_start, 0.3),
     )
@@ -155,20 +159,53 @@ class _WarmupCosine:
         return warmup_cosine_factor(step, self.warmup, self.total, self.start, self.min_factor)
 
 
-@register_schedule("warmup_cosine", ("warmup_epochs", "warmup_start_factor", "min_lr"))
-def _warmup_cosine(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
-    total = max(1, h.total_updates)
+class _Phased:
+    """Two warmup-cosine schedules back to back: the head-only phase, then the whole model's.
+
+    fastai's ``fine_tune``: the head trains on a warmup and decay of its own; at the
+    unfreeze the LR warms up again (the backbone's optimizer state starts empty there)
+    and decays over the remaining updates. Only numbers are kept (LambdaLR saves this
+    object's ``__dict__`` in the checkpoint, which loads with ``weights_only=True``).
+    """
+
+    def __init__(self, boundary: int, first: _WarmupCosine, second: _WarmupCosine) -> None:
+        self.boundary = boundary
+        self.first = [first.warmup, first.total, first.start, first.min_factor]
+        self.second = [second.warmup, second.total, second.start, second.min_factor]
+
+    def __call__(self, step: int) -> float:
+        if step < self.boundary:
+            return warmup_cosine_factor(step, *self.first)
+        return warmup_cosine_factor(step - self.boundary, *self.second)
+
+
+def _warmup_updates(cfg: ScheduleConfig, h: Horizon, epochs: int) -> int:
+    total = max(1, epochs * h.updates_per_epoch)
     if cfg.warmup_epochs is None:
         # One epoch of warmup, but never more than a quarter of a short run.
-        warmup = min(h.updates_per_epoch, total // 4)
-    else:
-        warmup = round(cfg.warmup_epochs * h.updates_per_epoch)
-        if warmup >= total:
-            raise ConfigError(
-                f"schedule.warmup_epochs={cfg.warmup_epochs} covers the whole run "
-                f"({h.epochs} epochs); lower it or raise train.epochs."
-            )
-    fn = _WarmupCosine(
-        warmup, total, _or(cfg.warmup_start_factor, 0.01), _or(cfg.min_lr, 0.0) / o.lr
+        return min(h.updates_per_epoch, total // 4)
+    warmup = round(cfg.warmup_epochs * h.updates_per_epoch)
+    if warmup >= total:
+        raise ConfigError(
+            f"schedule.warmup_epochs={cfg.warmup_epochs} covers the whole run "
+            f"({epochs} epochs{' after the head-only phase' if h.head_epochs else ''}); "
+            "lower it or raise train.epochs."
+        )
+    return warmup
+
+
+@register_schedule("warmup_cosine", ("warmup_epochs", "warmup_start_factor", "min_lr"))
+def _warmup_cosine(opt: Optimizer, cfg: ScheduleConfig, o: OptimConfig, h: Horizon) -> Schedule:
+    start, floor = _or(cfg.warmup_start_factor, 0.01), _or(cfg.min_lr, 0.0) / o.lr
+    full = h.epochs - h.head_epochs
+    fn: Callable[[int], float] = _WarmupCosine(
+        _warmup_updates(cfg, h, full), max(1, full * h.updates_per_epoch), start, floor
     )
+    if h.head_epochs:
+        # The head's phase takes the default warmup; schedule.warmup_epochs sets the
+        # whole model's, which is the one that matters (its optimizer state starts empty).
+        head_cfg = cfg.model_copy(update={"warmup_epochs": None})
+        head_total = max(1, h.head_epochs * h.updates_per_epoch)
+        first = _WarmupCosine(_warmup_updates(head_cfg, h, h.head_epochs), head_total, start, floor)
+        fn = _Phased(head_total, first, fn)  # type: ignore[arg-type]
     return Schedule(lr_scheduler.LambdaLR(opt, fn), "step")

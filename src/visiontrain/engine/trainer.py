@@ -28,6 +28,7 @@ from visiontrain.engine.callbacks import Callback, Checkpointer
 from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.evaluate import evaluate
+from visiontrain.engine.freeze import FreezePhase
 from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
@@ -92,8 +93,13 @@ class Trainer:
         train_model: TrainModel | None = None,
         ema: ModelEma | None = None,
         dist: Dist | None = None,
+        freeze: FreezePhase | None = None,
+        weights_info: list[dict[str, Any]] | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.bundle = cfg, run_dir, bundle
+        self.freeze = freeze
+        # What model.weights/pretrained loaded when the run started (kept across resumes).
+        self.weights_info = list(weights_info or [])
         self.dist = dist if dist is not None else current()
         # Training steps run through DDP/compile; evaluation and checkpoints use the plain
         # module (or its EMA), whose parameter names never carry a wrapper's prefix.
@@ -128,6 +134,7 @@ class Trainer:
         self.should_stop = False
         self.monitor_value: float | None = None
         self.last_lr = optimizer.param_groups[0]["lr"]
+        self.last_lrs = self._group_lrs()
         self.skipped: set[str] = set()
         self.results: dict[str, dict[str, Any]] = {}
         self.timings = {"train_s": 0.0, "eval_s": 0.0}
@@ -217,6 +224,7 @@ class Trainer:
         for epoch in range(self.epochs_done, self.cfg.train.epochs):
             self.epoch = epoch
             self.evaluated_this_epoch = self.improved = False
+            self._set_phase(epoch)
             self.train_epoch()
             if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs:
                 self._validate()
@@ -334,6 +342,8 @@ class Trainer:
             return
         log_due = (self.global_step + 1) % self.cfg.train.log_every == 0 or self.at_epoch_end
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        if self.last_lrs is not None:
+            self.last_lrs = self._group_lrs()
         result = self.step.update(want_norm=log_due, decide=lambda ok: self._decide(ok, batches))
         if result.grad_norm is not None:
             self._grad_norm = result.grad_norm
@@ -420,6 +430,7 @@ class Trainer:
             "loss": loss_sum / batches,
             **parts,
             "lr": self.last_lr,
+            **({"lr_groups": dict(self.last_lrs)} if self.last_lrs else {}),
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
             "samples_per_s": n_rate / max(now - acc.interval_start, 1e-9),
         }
@@ -503,6 +514,27 @@ class Trainer:
                 f"{info['val_precision']:.3f}, recall {info['val_recall']:.3f}, "
                 f"F1 {info['val_f1']:.3f}" + (f" — {info['note']}" if info.get("note") else "")
             )
+
+    def _group_lrs(self) -> dict[str, float] | None:
+        """Every named parameter group's LR, when the groups train at different LRs."""
+        groups = self.optimizer.param_groups
+        if len({g.get("lr_scale", 1.0) for g in groups}) < 2:
+            return None
+        return {str(g.get("name", i)): g["lr"] for i, g in enumerate(groups)}
+
+    def _set_phase(self, epoch: int) -> None:
+        """``train.freeze_epochs``: the head alone before the boundary, everything after."""
+        if self.freeze is None or not self.freeze.apply(epoch):
+            return
+        # DDP's reducer and a compiled graph were built for the old set of trainable
+        # parameters: build them anew (every rank reaches this at the same epoch).
+        self.train_model.rewrap()
+        self.console(
+            f"note: epoch {epoch + 1}: only the head trains (train.freeze_epochs="
+            f"{self.freeze.epochs})"
+            if self.freeze.frozen
+            else f"note: epoch {epoch + 1}: every layer trains from here (unfrozen)"
+        )
 
     def _check_stop(self, sync_point: bool = True) -> None:
         if self.dist.enabled:
@@ -614,6 +646,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "task": self.task.name,
             "task_state": self.task.state_dict(),
+            "weights": self.weights_info,
             "data": {
                 "name": self.cfg.data.name,
                 "class_names": list(b.class_names),
@@ -683,6 +716,7 @@ class Trainer:
         self.skipped.update(state.get("skipped", []))
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.task.load_state_dict(state.get("task_state", {}))
+        self.weights_info = list(state.get("weights") or self.weights_info)
         by_rank = state.get("rng_by_rank")
         if by_rank and len(by_rank) == self.dist.world_size:
             restore_rng(by_rank[self.dist.rank])

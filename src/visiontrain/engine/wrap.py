@@ -145,9 +145,9 @@ class TrainModel:
     ) -> None:
         self.eager: Any = model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
+        self._ids = [device.index] if device.type == "cuda" else None
         if dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=self._ids)
             self.eager = self.ddp
         self.compiled: Any = torch.compile(self.eager) if compile_model else None
         self.compile_state = "pending" if compile_model else "off"
@@ -165,6 +165,23 @@ class TrainModel:
         if self.ddp is None or sync:
             return nullcontext()
         return self.ddp.no_sync()
+
+    def rewrap(self) -> None:
+        """Wrap the module anew after its set of trainable parameters changed (an unfreeze).
+
+        DDP registers gradient hooks for the parameters that require gradients when it is
+        built; a compiled graph is specialised to them too. Under DDP this is a collective
+        (the constructor checks and broadcasts the parameters): every rank calls it.
+        """
+        if self.ddp is not None:
+            module = self.ddp.module
+            self.ddp = None  # the old reducer goes while the process group is up
+            self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=self._ids)
+            self.eager = self.ddp
+        if self.compiled is not None:
+            self.compiled = torch.compile(self.eager)
+            if self.compile_state == "on":
+                self.compile_state = "pending"  # a failure of the new graph falls back too
 
     def close(self) -> None:
         """Drop the DDP and compile wrappers; the plain module stays usable.

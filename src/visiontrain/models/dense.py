@@ -109,6 +109,39 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+def _tiny_stages(module: nn.Module, in_chans: int, width: int) -> None:
+    """The convolutional stages shared by :class:`TinyBackbone` and :class:`TinyNet`."""
+    module.stem = nn.Sequential(_block(in_chans, width), _block(width, width * 2))  # stride 4
+    module.c3 = _block(width * 2, width * 4)  # stride 8
+    module.c4 = _block(width * 4, width * 4)  # stride 16
+    module.c5 = _block(width * 4, width * 8)  # stride 32
+
+
+class TinyNet(nn.Module):
+    """A classifier on the tiny detectors' backbone: the same stages, pooled, one linear head.
+
+    Its weights (``stem``, ``c3``-``c5``) load into ``fasterrcnn_tiny``'s or ``fcos_tiny``'s
+    backbone by name through ``model.backbone_weights``: pretrain on image labels, then
+    start a detector from it.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32) -> None:
+        super().__init__()
+        _tiny_stages(self, in_chans, width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.c5(self.c4(self.c3(self.stem(x))))
+        return self.head(self.pool(x).flatten(1))
+
+
+@register_model("tinynet")
+def tinynet(num_classes: int, in_chans: int, width: int = 32) -> nn.Module:
+    """Build :class:`TinyNet` (classification or regression)."""
+    return TinyNet(num_classes, in_chans, width)
+
+
 class TinyBackbone(nn.Module):
     """A small CNN with an FPN over strides 8, 16 and 32: enough for simple scenes on a CPU."""
 
@@ -116,10 +149,7 @@ class TinyBackbone(nn.Module):
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
 
-        self.stem = nn.Sequential(_block(3, width), _block(width, width * 2))  # stride 4
-        self.c3 = _block(width * 2, width * 4)  # stride 8
-        self.c4 = _block(width * 4, width * 4)  # stride 16
-        self.c5 = _block(width * 4, width * 8)  # stride 32
+        _tiny_stages(self, 3, width)
         self.fpn = FeaturePyramidNetwork([width * 4, width * 4, width * 8], fpn_channels)
         self.out_channels = fpn_channels
 

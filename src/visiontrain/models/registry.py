@@ -150,6 +150,14 @@ def _refuse_unknown(name: str, builder: ModelBuilder, opts: dict[str, Any]) -> N
     _refuse({k: v for k, v in opts.items() if k not in params}, f"model {name}")
 
 
+def external_model(name: str) -> tuple[str, str] | None:
+    """Resolve a name to ("timm"|"torchvision", model name), or None for a registered one."""
+    _import_builtin()
+    if _MODELS.find(name) is not None:
+        return None
+    return _external(name)
+
+
 def _external(name: str) -> tuple[str, str] | None:
     """Resolve a name to ("timm"|"torchvision", model name), or None."""
     prefix, sep, rest = name.partition(":")

@@ -50,6 +50,8 @@ class TensorBoardLogger(Callback):
     def on_update(self, trainer: Trainer) -> None:  # noqa: D102
         # The LR in force at every update (a host float: no device sync).
         self.writer.add_scalar("train/lr", trainer.last_lr, trainer.global_step)
+        for name, lr in (trainer.last_lrs or {}).items():
+            self.writer.add_scalar(f"train/lr/{name}", lr, trainer.global_step)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:  # noqa: D102
         if record.get("split") == "train":
