@@ -362,3 +362,29 @@ def test_shipped_recipe_fine_tunes_a_folder_from_a_timm_file(cli, tmp_path):
     lrs = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     groups = next(r["lr_groups"] for r in lrs if "lr_groups" in r)
     assert groups["head_decay"] == pytest.approx(10 * groups["backbone_decay"])
+
+
+def test_pretrained_timm_reads_the_hugging_face_cache_offline(cli, tmp_path, monkeypatch):
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id  # timm/resnet10t.c3_in1k
+    args = [*TV_TINY, "model.name=resnet10t", "model.pretrained=true", f"run.dir={tmp_path}"]
+    res = cli("train", *args, "run.name=missing")
+    assert res.code == 2 and "HF_HUB_OFFLINE" in res.err
+    err = "".join(res.err.split())  # the message is folded to the terminal's width
+    assert f"models--{repo.replace('/', '--')}/snapshots/<revision>/model.safetensors" in err
+    # Hugging Face's cache layout: refs/main names the snapshot holding the file.
+    folder = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    (folder / "snapshots" / "abc123").mkdir(parents=True)
+    imagenet = timm.create_model("resnet10t", num_classes=1000).state_dict()
+    save_file(imagenet, str(folder / "snapshots" / "abc123" / "model.safetensors"))
+    res = cli("train", *args, "optim.lr=1e-9", "run.name=ok")
+    assert res.code == 0, res.err
+    assert "model.pretrained: safetensors file" in res.out and "re-initialised head fc" in res.out
+    got = load_checkpoint(res.run_dir / "checkpoints/last.pt")["model"]
+    assert torch.allclose(got["conv1.0.weight"], imagenet["conv1.0.weight"].sum(1, keepdim=True))

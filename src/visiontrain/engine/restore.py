@@ -15,7 +15,7 @@ from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.checkpoint import eval_weights, load_checkpoint
 from visiontrain.engine.step import BatchPrep
 from visiontrain.errors import CheckpointError, UserError
-from visiontrain.models.build import build_model, place, user_model_class
+from visiontrain.models.build import build_model, freeze_batch_norm, place, user_model_class
 from visiontrain.rundir import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 
@@ -109,6 +109,8 @@ def load_trained(
             f"vt.load({str(target)!r}, model={own}(...))."
         )
     if model is not None:
+        if cfg.model.freeze_bn:  # trained with FrozenBatchNorm2d: the same keys, as built
+            model = freeze_batch_norm(model)
         model = place(model, cfg, device)  # its weights come from the checkpoint below
     else:
         cfg_model = cfg.model_copy(

@@ -90,9 +90,8 @@ def timm_file(name: str) -> Path:
         cached = huggingface_hub.try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
             return Path(cached)
-    expected = (
-        f"{constants.HF_HUB_CACHE}/models--{repo.replace('/', '--')}/snapshots/<rev>/{files[0]}"
-    )
+    folder = f"models--{repo.replace('/', '--')}"
+    expected = f"{constants.HF_HUB_CACHE}/{folder}/snapshots/<revision>/{files[0]}"
     how = (
         f"On a machine with network run `python -c \"import timm; timm.create_model('{name}', "
         f'pretrained=True)"` and copy {constants.HF_HUB_CACHE} here (or set HF_HUB_CACHE), '
