@@ -59,6 +59,11 @@ class DataConfig(_Section):
     drop_last: bool = True
     augment: Literal["none", "light", "standard"] = "light"
     augment_on: Literal["loader", "device"] = "loader"
+    # MixUp / CutMix Beta alphas (0: off), applied to training batches on the device.
+    mixup: float = Field(0.0, ge=0.0, le=10.0)
+    cutmix: float = Field(0.0, ge=0.0, le=10.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mix_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     cache: Literal["none", "memory", "disk"] = "none"
     val_split: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = Field(0, ge=0, le=2**63 - 1)

@@ -400,6 +400,35 @@ def softmax_focal_loss(
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def soft_softmax_focal_loss(
+    logits: torch.Tensor,
+    soft_target: torch.Tensor,
+    gamma: float = 2.0,
+    alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax focal loss against a distribution over classes (MixUp/CutMix targets).
+
+    ``loss_i = -sum_c a_c * q_ic * (1 - p_ic) ** gamma * log p_ic``: with a one-hot ``q``
+    it is :func:`softmax_focal_loss`, and it is linear in ``q``, so a blended target gives
+    the blend of the two labels' losses.
+
+    Args:
+        logits: shape (N, C).
+        soft_target: float (N, C), each row a distribution.
+        gamma: focusing parameter.
+        alpha: optional per-class weights (C,).
+
+    Returns:
+        float32 scalar, the mean over samples.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1)
+    focal = (-torch.expm1(log_p)).clamp(min=_TINY) ** gamma
+    q = soft_target.float()
+    if alpha is not None:
+        q = q * _per_class(alpha.to(q.device, torch.float32), q.ndim)
+    return -(q * focal * log_p).sum(dim=1).mean()
+
+
 def sigmoid_focal_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -594,7 +623,7 @@ def _bce(cfg: LossConfig, ctx: LossContext) -> Loss:
     uses=("focal_gamma", "focal_alpha", "class_weights"),
 )
 def _focal(cfg: LossConfig, ctx: LossContext) -> Loss:
-    """Softmax focal loss for class indices, sigmoid focal loss for float targets."""
+    """Softmax focal loss for class indices and for soft (mixed) class distributions."""
     gamma = 2.0 if cfg.focal_gamma is None else cfg.focal_gamma
     if cfg.focal_alpha is not None and cfg.class_weights != "none":
         raise ConfigError(
@@ -616,7 +645,10 @@ def _focal(cfg: LossConfig, ctx: LossContext) -> Loss:
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = alpha_dev.on(logits.device) if isinstance(alpha, torch.Tensor) else alpha
         if target.is_floating_point():
-            return sigmoid_focal_loss(logits, target, gamma, a)
+            # A distribution over classes (MixUp/CutMix): the softmax focal loss, soft.
+            if isinstance(a, float):
+                a = _alpha_per_class(a, logits.shape[1], logits)
+            return soft_softmax_focal_loss(logits, target, gamma, a)
         return softmax_focal_loss(logits, target, gamma, a, ignore_index=ignore)
 
     info = {

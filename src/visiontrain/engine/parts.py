@@ -11,6 +11,7 @@ from visiontrain.config import Config, OptimConfig
 from visiontrain.data import build_data
 from visiontrain.data.device_augment import DeviceAugment, check_augment_on
 from visiontrain.data.loaders import check_sampler
+from visiontrain.data.mix import build_mixer
 from visiontrain.data.pipeline import Loaders, build_loaders
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
@@ -166,7 +167,10 @@ def build_prep(cfg: Config, bundle: DataBundle, device: torch.device, rank: int 
         if cfg.data.augment_on == "device"
         else None
     )
-    return BatchPrep(device, Normalizer(bundle.mean, bundle.std), cfg.train.channels_last, augment)
+    mixer = build_mixer(cfg.data, cfg.task, bundle.num_outputs, cfg.train.seed, rank)
+    return BatchPrep(
+        device, Normalizer(bundle.mean, bundle.std), cfg.train.channels_last, augment, mixer
+    )
 
 
 def build_step(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from visiontrain.data.device_augment import DeviceAugment
+from visiontrain.data.mix import BatchMixer
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.distributed import Dist
 from visiontrain.engine.ema import ModelEma
@@ -54,6 +55,8 @@ class BatchPrep:
             the input then must be too, or every convolution converts it.
         device_augment: Batch augmentation on the device (``data.augment_on=device``),
             applied to training batches only.
+        mixer: MixUp/CutMix of training batches and their targets (``data.mixup``,
+            ``data.cutmix``).
     """
 
     def __init__(
@@ -62,11 +65,13 @@ class BatchPrep:
         normalizer: Normalizer,
         channels_last: bool = False,
         device_augment: DeviceAugment | None = None,
+        mixer: BatchMixer | None = None,
     ) -> None:
         self.device = device
         self.normalizer = normalizer.to(device)
         self.channels_last = channels_last
         self.device_augment = device_augment
+        self.mixer = mixer
 
     def __call__(
         self, images: torch.Tensor, augment: bool = False, epoch: int = 0, batch: int = 0
@@ -91,6 +96,16 @@ class BatchPrep:
     def target(self, target: Any) -> Any:
         """The batch's targets on the device."""
         return to_device(target, self.device)
+
+    def train_batch(
+        self, images: torch.Tensor, target: Any, epoch: int = 0, batch: int = 0
+    ) -> tuple[torch.Tensor, Any]:
+        """A training batch: augmented, normalised and (MixUp/CutMix) mixed with its targets."""
+        x = self(images, augment=True, epoch=epoch, batch=batch)
+        y = self.target(target)
+        if self.mixer is not None:
+            x, y = self.mixer(x, y, epoch, batch)
+        return x, y
 
 
 @dataclass
@@ -184,8 +199,7 @@ class Step:
             ``{"loss": ..., **parts}``, detached, on the device. With ``check_finite`` a
             non-finite loss is marked for :meth:`update`.
         """
-        x = self.prep(batch["image"], augment=True, epoch=epoch, batch=index)
-        y = self.prep.target(batch["target"])
+        x, y = self.prep.train_batch(batch["image"], batch["target"], epoch, index)
         result: dict[str, dict[str, torch.Tensor]] = {}
 
         def run() -> None:

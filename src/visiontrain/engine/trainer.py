@@ -19,21 +19,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from visiontrain.config import Config
-from visiontrain.data.device_augment import DeviceAugment
 from visiontrain.data.loaders import LoaderFaultError, worker_fault
 from visiontrain.data.pipeline import Loaders
 from visiontrain.data.sources import DataBundle
-from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.callbacks import Callback, Checkpointer
 from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.evaluate import evaluate
 from visiontrain.engine.freeze import FreezePhase
 from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
+from visiontrain.engine.parts import build_prep
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
 from visiontrain.engine.signals import StopFlag
-from visiontrain.engine.step import BatchPrep, Step
+from visiontrain.engine.step import Step
 from visiontrain.engine.wrap import TrainModel
 from visiontrain.errors import (
     EXIT_SIGTERM,
@@ -112,14 +111,7 @@ class Trainer:
         self.callbacks = [checkpointer, *callbacks]
         self._console = console
         self.stop_flag = stop_flag if stop_flag is not None else StopFlag()
-        self.prep = BatchPrep(
-            device,
-            Normalizer(bundle.mean, bundle.std),
-            cfg.train.channels_last,
-            DeviceAugment(cfg.data.augment, cfg.train.seed, self.dist.rank)
-            if cfg.data.augment_on == "device"
-            else None,
-        )
+        self.prep = build_prep(cfg, bundle, device, self.dist.rank)
         mode = cfg.train.monitor_mode
         self.monitor_mode = task.monitor_mode(cfg.train.monitor) if mode == "auto" else mode
         # Counters: the checkpoint's notion of "where are we".
