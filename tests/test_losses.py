@@ -110,11 +110,12 @@ def test_registered_focal() -> None:
     w = class_weights("balanced", CLS3.class_counts)
     torch.testing.assert_close(loss(logits, target), softmax_focal_loss(logits, target, 2.0, w))
 
-    # A float target of the logits' shape takes the sigmoid form.
-    multi = (randn(16, 3, seed=3) > 0).float()
-    loss = build_loss(loss_cfg("loss.name=focal", "loss.focal_alpha=0.25"), CLS3)
-    want = torchvision.ops.sigmoid_focal_loss(logits, multi, alpha=0.25, reduction="mean")
-    torch.testing.assert_close(loss(logits, multi), want)
+    # A float target (a MixUp/CutMix blend) is a distribution over the classes: the soft
+    # softmax form, which equals the hard one on one-hot rows.
+    loss = build_loss(loss_cfg("loss.name=focal", "loss.focal_alpha=[1.0, 2.0, 0.5]"), CLS3)
+    one_hot = F.one_hot(target, 3).float()
+    want = softmax_focal_loss(logits, target, 2.0, torch.tensor([1.0, 2.0, 0.5]))
+    torch.testing.assert_close(loss(logits, one_hot), want)
 
 
 def test_segmentation_focal_ignores_255() -> None:

@@ -641,9 +641,13 @@ def _focal(cfg: LossConfig, ctx: LossContext) -> Loss:
         alpha = _resolve_class_weights(cfg, ctx)
     alpha_dev = _PerDevice(alpha if isinstance(alpha, torch.Tensor) else None)
     ignore = IGNORE_INDEX if ctx.task == "segmentation" else None
+    # Independent labels score each class by its own sigmoid; one label per image by softmax.
+    multilabel = ctx.task == "multilabel"
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = alpha_dev.on(logits.device) if isinstance(alpha, torch.Tensor) else alpha
+        if target.is_floating_point() and multilabel:
+            return sigmoid_focal_loss(logits, target, gamma, a)
         if target.is_floating_point():
             # A distribution over classes (MixUp/CutMix): the softmax focal loss, soft.
             if isinstance(a, float):
