@@ -1,9 +1,11 @@
 """The ``model.json`` format of an exported artifact, written and read here only.
 
-An exported artifact (``model.pt2`` / ``model.onnx`` from ``visiontrain export``) takes
-uint8 NCHW images with the normalisation inside; the ``model.json`` beside it says how
-images are fitted, the class names and the task state, so ``predict`` gives the same rows
-as with the checkpoint (see docs/export.md).
+A graph artifact (``model.pt2`` / ``model.onnx`` from ``visiontrain export``) takes uint8
+NCHW images with the normalisation inside; a weights artifact (``model.safetensors``) is
+the network's ``state_dict``, rebuilt for prediction from the config in ``model.json``.
+The ``model.json`` beside either says how images are fitted, the class names, the task
+state and the run's config, so ``predict`` gives the same rows as with the checkpoint
+(see docs/export.md).
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from visiontrain.config import build_config
+from visiontrain.data.sources import DataBundle
+from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.restore import Loaded
 from visiontrain.errors import UserError
+from visiontrain.models.build import build_model, user_model_class
+from visiontrain.rundir import CHECKPOINTS_DIR
 
-ARTIFACT_SUFFIXES = (".pt2", ".onnx")
+# The formats whose file holds the weights alone, not a traced program.
+WEIGHTS_FORMATS = ("safetensors",)
+
+ARTIFACT_SUFFIXES = (".pt2", ".onnx", ".safetensors")
 
 
 META_FILE = "model.json"
@@ -33,52 +45,100 @@ Runner = Callable[[torch.Tensor], Any]
 
 
 def is_artifact(target: str | Path) -> bool:
-    """Whether ``target`` names an exported model file rather than a run or checkpoint."""
-    return Path(target).suffix.lower() in ARTIFACT_SUFFIXES
+    """Whether ``target`` names an export rather than a run or checkpoint.
+
+    An export is an artifact file, its ``model.json``, or the folder holding them (a
+    folder with a ``model.json`` and no ``checkpoints/``: a run directory has those).
+    """
+    path = Path(target).expanduser()
+    if path.suffix.lower() in ARTIFACT_SUFFIXES or path.name == META_FILE:
+        return True
+    return path.is_dir() and (path / META_FILE).is_file() and not (path / CHECKPOINTS_DIR).is_dir()
+
+
+def artifact_path(target: str | Path) -> Path:
+    """The artifact file ``target`` means: itself, or the one its ``model.json`` lists.
+
+    Raises:
+        UserError: the ``model.json`` is missing, or lists no artifact or several (then
+            the file to load has to be named).
+    """
+    path = Path(target).expanduser()
+    if path.suffix.lower() in ARTIFACT_SUFFIXES:
+        return path
+    folder = path if path.is_dir() else path.parent
+    # read_meta takes an artifact's path and reads the model.json beside it.
+    names = sorted(read_meta(folder / META_FILE).get("artifacts") or {})
+    if len(names) != 1:
+        listed = ", ".join(str(folder / n) for n in names) or "no artifact"
+        raise UserError(
+            f"{folder / META_FILE} describes {listed}; pass the artifact file to load "
+            "rather than its folder or model.json."
+        )
+    return folder / names[0]
+
+
+def _pt2_runner(path: Path, fix: str) -> Runner:
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as exc:  # zip, pickle and graph errors all mean an unusable file
+        raise UserError(
+            f"{path} is truncated or not a torch.export archive ({_first_line(exc)}). {fix}"
+        ) from None
+
+    def run_pt2(images: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return module(images.cpu())
+
+    return run_pt2
+
+
+def _onnx_runner(path: Path, fix: str) -> Runner:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+        raise UserError(
+            f"{path} is truncated or not an ONNX model ({_first_line(exc)}). {fix}"
+        ) from None
+    name = session.get_inputs()[0].name
+
+    def run_onnx(images: torch.Tensor) -> Any:
+        outs = [torch.from_numpy(o) for o in session.run(None, {name: images.cpu().numpy()})]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return run_onnx
+
+
+# The graph artifacts, by suffix: each loads its file into a Runner.
+_RUNNERS: dict[str, Callable[[Path, str], Runner]] = {".pt2": _pt2_runner, ".onnx": _onnx_runner}
 
 
 def load_runner(path: str | Path) -> Runner:
-    """Load an exported artifact; the callable maps a uint8 NCHW batch to its outputs.
+    """Load a graph artifact; the callable maps a uint8 NCHW batch to its outputs.
 
     Outputs are CPU tensors, or a tuple of them for several outputs (detection).
 
     Raises:
-        UserError: the file is missing, truncated or not an artifact of its suffix.
+        UserError: the file is missing, truncated or not an artifact of its suffix, or
+            it holds weights alone (``.safetensors``: :func:`load_exported` rebuilds it).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"exported model {path} does not exist; run `visiontrain export` first.")
-    fix = "Export it again with `visiontrain export RUN --format " + path.suffix[1:] + "`."
-    if path.suffix.lower() == ".pt2":
-        try:
-            module = torch.export.load(str(path)).module()
-        except Exception as exc:  # zip, pickle and graph errors all mean an unusable file
-            raise UserError(
-                f"{path} is truncated or not a torch.export archive ({_first_line(exc)}). {fix}"
-            ) from None
-
-        def run_pt2(images: torch.Tensor) -> Any:
-            with torch.inference_mode():
-                return module(images.cpu())
-
-        return run_pt2
-    if path.suffix.lower() == ".onnx":
-        import onnxruntime as ort
-
-        try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
-            raise UserError(
-                f"{path} is truncated or not an ONNX model ({_first_line(exc)}). {fix}"
-            ) from None
-        name = session.get_inputs()[0].name
-
-        def run_onnx(images: torch.Tensor) -> Any:
-            outs = [torch.from_numpy(o) for o in session.run(None, {name: images.cpu().numpy()})]
-            return outs[0] if len(outs) == 1 else tuple(outs)
-
-        return run_onnx
-    raise UserError(f"{path}: exported models end in .pt2 or .onnx.")
+    loader = _RUNNERS.get(path.suffix.lower())
+    if loader is None:
+        raise UserError(
+            f"{path}: a program to run is a .pt2 or .onnx export"
+            + (
+                "; a .safetensors file holds weights, which load_exported rebuilds the model for."
+                if path.suffix.lower() == ".safetensors"
+                else "."
+            )
+        )
+    fix = f"Export it again with `visiontrain export RUN --format {path.suffix[1:]}`."
+    return loader(path, fix)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,22 +188,42 @@ class Exported:
     postprocess: Callable[[tuple[torch.Tensor, ...]], list[dict[str, torch.Tensor]]] | None = None
 
 
-def load_exported(path: str | Path) -> Exported:
-    """Load an exported artifact and its ``model.json`` (see docs/export.md)."""
-    path = Path(path).expanduser()
-    meta = read_meta(path)
+def artifact_entry(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``artifacts`` entry of ``model.json`` for the file ``path``.
+
+    Raises:
+        UserError: ``model.json`` does not list that file.
+    """
     entry = (meta.get("artifacts") or {}).get(path.name)
-    if entry is None:
+    if not isinstance(entry, dict):
         raise UserError(
             f"{path.parent / META_FILE} does not describe {path.name} (it lists "
             f"{', '.join(meta.get('artifacts') or {}) or 'nothing'}); export again into this "
             "folder, or keep each artifact with its own model.json."
         )
+    return entry
+
+
+def load_exported(path: str | Path) -> Exported | Loaded:
+    """Load an export and its ``model.json`` for ``predict`` (see docs/export.md).
+
+    Args:
+        path: The artifact file, its ``model.json``, or their folder (when it holds one
+            artifact).
+
+    Returns:
+        For a graph artifact (pt2, onnx) the program with its description; for a weights
+        artifact (safetensors) the model rebuilt from the config and loaded with the
+        file's weights, as a run's checkpoint loads.
+    """
+    path = artifact_path(path)
+    meta = read_meta(path)
+    entry = artifact_entry(meta, path)
+    if entry.get("format") in WEIGHTS_FORMATS:
+        return load_weights(path, meta)
     run = load_runner(path)
     postprocess = None
     if meta["task"] == "detection":
-        from visiontrain.export.artifact import DetectionPost
-
         if not isinstance(meta.get("detection"), dict):
             raise UserError(
                 f"{path.parent / META_FILE} has no `detection` entry (anchors and "
@@ -167,6 +247,75 @@ def load_exported(path: str | Path) -> Exported:
         int(meta["input"]["channels"]),
         entry["batch"] if isinstance(entry["batch"], int) else None,
         postprocess,
+    )
+
+
+def load_weights(path: Path, meta: dict[str, Any]) -> Loaded:
+    """The model of a weights artifact: rebuilt from ``meta``'s config, loaded from ``path``.
+
+    Built from the description alone: ``model.pretrained`` off and ``model.weights`` /
+    ``model.backbone_weights`` cleared, so nothing is downloaded or read but the file.
+
+    Raises:
+        UserError: ``model.json`` has no config, the config names your own module (which
+            a description cannot rebuild), or the file is unreadable or does not fit.
+    """
+    where = path.parent / META_FILE
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{where} has no `config` entry to rebuild the model from; export again.")
+    cfg = build_config(meta["config"], source=f"config in {where}")
+    own = user_model_class(cfg.model.name)
+    if own is not None:
+        raise UserError(
+            f"{path} holds the weights of your own module {own}, which model.json cannot "
+            f"rebuild: load them into one yourself (module.load_state_dict("
+            f"safetensors.torch.load_file({str(path)!r}))), or predict from the run with "
+            f"vt.load(RUN, model={own}(...))."
+        )
+    # Only the keys this config has: model.weights / backbone_weights are newer options.
+    off = {"pretrained": False, "weights": None, "backbone_weights": None}
+    fields = type(cfg.model).model_fields
+    update = {k: v for k, v in off.items() if k in fields}
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
+    prep = meta["preprocessing"]
+    shell = DataBundle(
+        train=None,
+        val=None,
+        test=None,
+        class_names=list(meta.get("class_names") or []),
+        target_names=list(meta.get("target_names") or []),
+        in_channels=int(prep["channels"]),
+        image_size=int(prep["image_size"]),
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, shell, device)
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(
+            f"{path} is truncated or not a safetensors file ({_first_line(exc)}). Export it "
+            "again with `visiontrain export RUN --format safetensors`."
+        ) from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(
+            f"{path}: weights do not fit model {cfg.model.name} built from {where} "
+            f"({_first_line(exc)}); export again."
+        ) from None
+    model.eval()
+    return Loaded(
+        cfg,
+        model,
+        {"task_state": dict(meta.get("task_state") or {}), "_path": str(path)},
+        shell.class_names,
+        shell.target_names,
+        Normalizer(shell.mean, shell.std).to(device),
+        shell.image_size,
+        shell.in_channels,
+        device,
     )
 
 
@@ -318,14 +467,31 @@ def _categories(loaded: Loaded) -> dict[str, Any]:
     }
 
 
+def checkpoint_epoch(state: dict[str, Any]) -> int | None:
+    """The epochs a checkpoint had completed (its ``counters``), None when it does not say."""
+    done = (state.get("counters") or {}).get("epochs_done")
+    return int(done) if done is not None else None
+
+
 def describe(
     loaded: Loaded,
     fmt: str,
     artifact: Path,
     dynamic: bool,
     detection: dict[str, Any] | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
-    """The ``model.json`` contract: how to feed the artifact and read what it returns."""
+    """The ``model.json`` contract: how to feed the artifact and read what it returns.
+
+    Args:
+        loaded: The checkpoint the artifact was made from.
+        fmt: The artifact's format (``pt2``, ``onnx``, ``safetensors``).
+        artifact: The artifact file, already written (its sha256 is recorded).
+        dynamic: A graph artifact with a batch axis of any size (else batch 1).
+        detection: The detection post-processing entry (detection graph artifacts).
+        weights: A weights artifact: which of the checkpoint's weights it holds (``ema``
+            or ``model``); its entry then says how to use them instead of a batch size.
+    """
     from visiontrain.tasks.base import task_class
     from visiontrain.version import __version__
 
@@ -350,17 +516,26 @@ def describe(
         + "; detections by the Python post-processing described under `detection` "
         "(visiontrain.export.detection_postprocess)",
     }
+    entry: dict[str, Any] = {"format": fmt}
+    if weights is None:
+        entry["batch"] = "dynamic" if dynamic else 1
+    else:
+        # The top-level input/output describe the graph artifacts; the weights are the
+        # bare network, so their use is spelt out in their own entry.
+        entry["weights"] = weights
+        entry["usage"] = (
+            "state_dict of the network that `config` builds (visiontrain rebuilds it: "
+            "vt.load on this file); it takes float NCHW images normalised as preprocessing "
+            "says, (x / 255 - mean) / std, and returns outputs before the task's "
+            "post-processing (regression: standardised, * task_state.target_std + "
+            "target_mean; detection: the torchvision detector's own output)"
+        )
+    entry["sha256"] = hashlib.sha256(artifact.read_bytes()).hexdigest()
     return {
         "format": META_FORMAT,
         "version": 1,
         # One entry per artifact in the folder: a pt2 and an onnx export share the rest.
-        "artifacts": {
-            artifact.name: {
-                "format": fmt,
-                "batch": "dynamic" if dynamic else 1,
-                "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
-            }
-        },
+        "artifacts": {artifact.name: entry},
         "task": loaded.task,
         "class_names": loaded.class_names,
         "target_names": loaded.target_names,
@@ -392,13 +567,20 @@ def describe(
             "mean": mean,
             "std": std,
         },
-        "output": outputs[loaded.task],
+        # A detector's head outputs are a graph export's; its weights come without them.
+        "output": (
+            outputs[loaded.task]
+            if detection is not None or loaded.task != "detection"
+            else f"no graph artifact: see artifacts.{artifact.name}.usage"
+        ),
         **({"detection": detection} if detection else {}),
         "source": {
             "checkpoint": str(loaded.state.get("_path", "")),
             "model": loaded.cfg.model.name,
-            "epoch": loaded.state.get("epoch"),
+            "epoch": checkpoint_epoch(loaded.state),
         },
+        # The run's resolved config: what a weights artifact is rebuilt from.
+        "config": loaded.cfg.to_dict(),
         "versions": {"visiontrain": __version__, "torch": torch.__version__},
     }
 
@@ -421,5 +603,9 @@ def _merge(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
             continue
         if hashlib.sha256(file.read_bytes()).hexdigest() == entry.get("sha256"):
             meta["artifacts"][name] = entry
+            if "detection" in old and "detection" not in meta:
+                # A weights export has no post-processing entry; the kept graph artifact
+                # of the same checkpoint still needs its own (and its output line).
+                meta.update(detection=old["detection"], output=old.get("output"))
     meta["artifacts"] = dict(sorted(meta["artifacts"].items()))
     return meta

@@ -1,17 +1,23 @@
-"""``visiontrain export``: a run's best weights as a ``.pt2`` or ``.onnx`` artifact, verified.
+"""``visiontrain export``: a run's best weights as ``.pt2``, ``.onnx`` or ``.safetensors``.
 
-The exported module takes what a deployment has in hand: uint8 images, NCHW, already
-fitted to the working size (centre crop, or letterbox for whole-image tasks). The
-normalisation (and, for regression, the de-standardisation of the targets) is inside,
-so the artifact's outputs are what ``predict`` turns into rows. ``model.json`` beside it
-says how to prepare images and read the outputs (docs/export.md).
+Each ``--format`` is an entry of :data:`FORMATS`: its writer and the options it has no
+use for (refused, not ignored).
 
+The graph formats (pt2, onnx) export a module that takes what a deployment has in hand:
+uint8 images, NCHW, already fitted to the working size (centre crop, or letterbox for
+whole-image tasks). The normalisation (and, for regression, the de-standardisation of the
+targets) is inside, so the artifact's outputs are what ``predict`` turns into rows.
 Detection (one-stage: FCOS, RetinaNet) exports the network only: its outputs are the
 head's raw tensors, and the data-dependent post-processing (score filter, NMS) runs in
 Python with the anchors and parameters stored beside the artifact (:class:`DetectionPost`).
-
 Nothing is declared done before a fresh Python process has loaded the file and matched
 the eager model on real validation images (:mod:`visiontrain.export.check`).
+
+safetensors writes the weights the run evaluates with (the EMA under ``train.ema``) and
+nothing else; it is read back and compared bit for bit with the checkpoint's.
+
+``model.json`` beside any artifact says how to prepare images and read the outputs, and
+holds the run's config (docs/export.md).
 """
 
 from __future__ import annotations
@@ -26,27 +32,38 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from visiontrain.engine.checkpoint import eval_weights
 from visiontrain.engine.restore import Loaded, load_trained, resolve_checkpoint
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, UserError
 from visiontrain.export.artifact import (
     META_FILE,
+    _first_line,
     _merge,
+    artifact_entry,
+    checkpoint_epoch,
     describe,
     is_artifact,
     read_meta,
 )
+from visiontrain.io import atomic_write, atomic_write_json
 from visiontrain.rundir import CHECKPOINTS_DIR
+from visiontrain.version import __version__
 
-FORMATS = ("pt2", "onnx")
 DEFAULT_TOLERANCE = 1e-4
+DEFAULT_LATENCY_RUNS = 20
 # Enough images to exercise every output unit; few enough for a quick check.
 CHECK_IMAGES = 64
 LATENCY_BATCHES = (1, 32)
@@ -289,8 +306,6 @@ def _trace(
     module: nn.Module, example: torch.Tensor, fmt: str, path: Path, shapes: tuple | None
 ) -> None:
     """Trace and write one artifact (see :func:`export_artifact`)."""
-    from visiontrain.io import atomic_write
-
     if fmt == "pt2":
         program = torch.export.export(module, (example,), dynamic_shapes=shapes)
         atomic_write(path, lambda fh: torch.export.save(program, fh))
@@ -395,22 +410,48 @@ def latency_table(eager: dict[str, float], exported: dict[str, float], fmt: str)
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    """Export (or with ``--verify``, re-check) a run's best weights; see the module docstring."""
+    """Export (or with ``--verify``, re-check) a run's best weights; see the module docstring.
+
+    The format (``--format``, or with ``--verify`` the one ``model.json`` records) picks
+    its writer from :data:`FORMATS`; an option that means nothing for it is refused.
+    """
     if is_artifact(args.target):
         raise UserError(
             f"{args.target} is already an exported model; pass the run or checkpoint, and "
             f"the artifact with --verify {args.target} to check it again."
         )
     ckpt = resolve_checkpoint(args.target)
+    if args.verify:
+        artifact = Path(args.verify)
+        fmt = str(artifact_entry(read_meta(artifact), artifact).get("format"))
+    else:
+        fmt = args.format
+        out_dir = Path(args.out) if args.out else _run_dir(ckpt) / "export"
+        artifact = out_dir / f"model.{fmt}"
+    spec = FORMATS.get(fmt)
+    if spec is None:
+        raise UserError(
+            f"{artifact.parent / META_FILE} records {artifact.name} as format {fmt!r}, which "
+            f"this visiontrain does not export ({', '.join(FORMATS)}); export again."
+        )
+    spec.refuse_unused(args, fmt)
     loaded = load_trained(ckpt)
     loaded.state["_path"] = str(ckpt)
+    return spec.write(args, loaded, artifact, console)
+
+
+def _export_graph(
+    args: argparse.Namespace, loaded: Loaded, artifact: Path, console: Console
+) -> int:
+    """pt2 / onnx: trace, write, and check in a fresh process against the eager model."""
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    latency_runs = DEFAULT_LATENCY_RUNS if args.latency_runs is None else args.latency_runs
     # Refuse a two-stage detector before reading any image.
     module = export_module(loaded)
     detection: dict[str, Any] | None = None
     if args.verify:
-        artifact = Path(args.verify)
         meta = read_meta(artifact)
-        entry = meta["artifacts"][artifact.name]
+        entry = artifact_entry(meta, artifact)
         fmt, dynamic = entry["format"], entry["batch"] == "dynamic"
         # The stored post-processing is what predict uses, so that is what is verified.
         detection = meta.get("detection") if loaded.task == "detection" else None
@@ -418,8 +459,6 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             raise UserError(f"{artifact.parent / META_FILE} has no `detection` entry; export again")
     else:
         fmt, dynamic = args.format, args.dynamic_batch
-        out_dir = Path(args.out) if args.out else _run_dir(ckpt) / "export"
-        artifact = out_dir / f"model.{fmt}"
     images = check_images(loaded)
     expected = eager_outputs(module, loaded, images)
     if loaded.task == "detection" and not args.verify:
@@ -434,11 +473,11 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
         )
     result = fresh_process_check(
-        artifact, images, expected, args.tolerance, not dynamic, args.latency_runs, detection
+        artifact, images, expected, tolerance, not dynamic, latency_runs, detection
     )
     line = (
         f"check (fresh process, {len(images)} val images): max abs diff "
-        f"{result['max_abs_diff']:.3g}, allowed {args.tolerance:g} x {result['scale']:.3g}"
+        f"{result['max_abs_diff']:.3g}, allowed {tolerance:g} x {result['scale']:.3g}"
     )
     if detection is not None and "boxes" in result:
         line += (
@@ -446,18 +485,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             f"{result['box_diff']:.3g}, score diff {result['score_diff']:.3g}"
         )
     if not result["passed"]:
-        print(f"{line}: FAILED", flush=True)
         why = f" ({result['reason']})" if result.get("reason") else ""
-        print(
-            f"error: {artifact} does not reproduce the eager model{why}. "
-            + ("It was removed; nothing was exported." if not args.verify else "Export again."),
-            file=sys.stderr,
-            flush=True,
-        )
-        if not args.verify:
-            with contextlib.suppress(OSError):
-                artifact.unlink()
-        return EXIT_FAILURE
+        return _failed(line, f"{artifact} does not reproduce the eager model{why}", artifact, args)
     console.print(f"{line}: OK", highlight=False)
     if not args.verify:
         meta = describe(loaded, fmt, artifact, dynamic, detection)
@@ -465,12 +494,9 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         if detection is not None:
             check.update({k: result[k] for k in ("boxes", "box_diff", "score_diff")})
         meta["artifacts"][artifact.name]["check"] = check
-        from visiontrain.io import atomic_write_json
-
-        atomic_write_json(artifact.parent / META_FILE, _merge(artifact.parent / META_FILE, meta))
-        console.print(f"wrote {artifact.parent / META_FILE}", highlight=False)
-    if args.latency_runs > 0 and "latency_ms" in result:
-        eager = eager_latency(module, images, args.latency_runs)
+        _write_meta(artifact, meta, console)
+    if latency_runs > 0 and "latency_ms" in result:
+        eager = eager_latency(module, images, latency_runs)
         console.print(latency_table(eager, result["latency_ms"], fmt))
         if not dynamic:
             console.print(
@@ -482,14 +508,142 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------ safetensors
+#
+# The weights alone, for whoever rebuilds the network (vt.load does, from model.json's
+# config). There is no program whose numbers could drift from the eager model's, so the
+# check is that the file reads back bit for bit as the checkpoint's weights.
+
+
+def checkpoint_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a run evaluates with, each in contiguous CPU memory of its own.
+
+    :func:`~visiontrain.engine.checkpoint.eval_weights` (the EMA when the run had
+    ``train.ema``) under the plain ``state_dict`` keys: checkpoints hold the unwrapped
+    module's, never a DDP or compile prefix. safetensors refuses tensors that share
+    storage (tied weights) or are not contiguous (``channels_last``), hence the clones.
+
+    Raises:
+        UserError: an entry is not a tensor (a module's extra state), which a
+            safetensors file cannot hold.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in eval_weights(state).items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; a "
+                "safetensors file holds tensors only. Export pt2 or onnx instead."
+            )
+        out[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def bitwise_mismatch(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str | None:
+    """How ``got`` differs from ``want`` (keys, dtype, shape or any bit), or None."""
+    if got.keys() != want.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, w in want.items():
+        g = got[key]
+        if g.dtype != w.dtype or g.shape != w.shape:
+            return (
+                f"{key} is {g.dtype} {tuple(g.shape)}, the checkpoint's {w.dtype} {tuple(w.shape)}"
+            )
+        # Compared as bytes: torch.equal would call a NaN unequal to itself.
+        if not torch.equal(_as_bytes(g), _as_bytes(w)):
+            return f"{key} differs from the checkpoint's"
+    return None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def weights_metadata(loaded: Loaded, which: str) -> dict[str, str]:
+    """The safetensors header metadata (str to str): the weights described without model.json."""
+    ckpt = Path(loaded.state["_path"])
+    return {
+        "format": "pt",  # the framework tag Hugging Face loaders look for
+        "visiontrain": __version__,
+        "run": _run_dir(ckpt).name,
+        "checkpoint": ckpt.name,
+        "epoch": str(checkpoint_epoch(loaded.state)),
+        "task": loaded.task,
+        "model": loaded.cfg.model.name,
+        "weights": which,
+        "config": json.dumps(loaded.cfg.to_dict()),
+    }
+
+
+def _export_safetensors(
+    args: argparse.Namespace, loaded: Loaded, artifact: Path, console: Console
+) -> int:
+    """safetensors: the eval weights written, then read back and compared bit for bit."""
+    weights = checkpoint_weights(loaded.state)
+    which = "ema" if loaded.state.get("ema") else "model"
+    label = "EMA weights (train.ema)" if which == "ema" else "weights"
+    if not args.verify:
+        start = time.perf_counter()
+        # safetensors.torch.save is save_file's serialiser, returning the bytes, so the
+        # file goes through the same atomic write as every artifact.
+        blob = save_safetensors(weights, weights_metadata(loaded, which))
+        atomic_write(artifact, lambda fh: fh.write(blob))
+        console.print(
+            f"exported {loaded.cfg.model.name} ({loaded.task}) {label} to {artifact} "
+            f"[{len(weights)} tensors, {artifact.stat().st_size / 1e6:.1f} MB, "
+            f"{time.perf_counter() - start:.1f} s]",
+            highlight=False,
+        )
+    try:
+        got = load_safetensors(str(artifact))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(
+            f"{artifact} is truncated or not a safetensors file ({_first_line(exc)}). "
+            "Export it again with `visiontrain export RUN --format safetensors`."
+        ) from None
+    line = f"check (safetensors load_file, bitwise): {len(got)} tensors"
+    mismatch = bitwise_mismatch(got, weights)
+    if mismatch is not None:
+        return _failed(
+            f"{line}, {mismatch}", f"{artifact} does not hold the run's {label}", artifact, args
+        )
+    console.print(f"{line} equal to the checkpoint's {label}: OK", highlight=False)
+    if not args.verify:
+        meta = describe(loaded, "safetensors", artifact, dynamic=False, weights=which)
+        meta["artifacts"][artifact.name]["check"] = {"tensors": len(got), "bitwise_equal": True}
+        _write_meta(artifact, meta, console)
+    print(artifact, flush=True)
+    return EXIT_OK
+
+
+def _failed(line: str, what: str, artifact: Path, args: argparse.Namespace) -> int:
+    """Print a failed check; a fresh export is removed (nothing was exported). Exit 1."""
+    print(f"{line}: FAILED", flush=True)
+    print(
+        f"error: {what}. "
+        + ("It was removed; nothing was exported." if not args.verify else "Export again."),
+        file=sys.stderr,
+        flush=True,
+    )
+    if not args.verify:
+        with contextlib.suppress(OSError):
+            artifact.unlink()
+    return EXIT_FAILURE
+
+
+def _write_meta(artifact: Path, meta: dict[str, Any], console: Console) -> None:
+    """Write ``model.json`` beside ``artifact``, keeping the folder's other artifacts."""
+    path = artifact.parent / META_FILE
+    atomic_write_json(path, _merge(path, meta))
+    console.print(f"wrote {path}", highlight=False)
+
+
 def _write_anchors(network: DetectionNetwork, images: torch.Tensor, folder: Path) -> dict:
     """Write ``anchors.pt`` into ``folder``; the ``detection`` entry with its sha256.
 
     Written before the check, which loads it from there as ``predict`` will. The file is
     the same for every artifact of one checkpoint, so a pt2 and an onnx export share it.
     """
-    from visiontrain.io import atomic_write
-
     spec, anchors = detection_spec(network, images)
     path = folder / spec["anchors"]["file"]
     atomic_write(path, lambda fh: torch.save(anchors, fh))
@@ -514,6 +668,54 @@ def _run_dir(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt.parent
 
 
+@dataclass(frozen=True)
+class Format:
+    """One ``--format``: its writer, a line for ``--help``, and the options it has no use for.
+
+    Attributes:
+        write: Writes the artifact and checks it (or with ``--verify`` only checks it);
+            returns the exit code.
+        summary: What the format is, for ``--help``.
+        unused: Option (argparse ``dest``) -> why it means nothing for this format; given
+            anyway, it is refused with exit 2 rather than silently ignored.
+    """
+
+    write: Callable[[argparse.Namespace, Loaded, Path, Console], int]
+    summary: str
+    unused: dict[str, str] = field(default_factory=dict)
+
+    def refuse_unused(self, args: argparse.Namespace, name: str) -> None:
+        """Raise for the first option given that this format has no use for.
+
+        Raises:
+            UserError: naming the option, the format and why.
+        """
+        for dest, why in self.unused.items():
+            value = getattr(args, dest, None)
+            # Not given: argparse's None or False. 0 (no timing, tolerance 0) asks for
+            # nothing the format lacks either.
+            if value is None or value is False or value == 0:
+                continue
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"{flag} does not apply to --format {name}: {why}. Drop {flag}.")
+
+
+FORMATS: dict[str, Format] = {
+    "pt2": Format(_export_graph, "torch.export program (.pt2)"),
+    "onnx": Format(_export_graph, "ONNX graph from the dynamo exporter (.onnx)"),
+    "safetensors": Format(
+        _export_safetensors,
+        "the eval weights alone (.safetensors; EMA when trained with train.ema)",
+        unused={
+            "dynamic_batch": "a weights file has no batch axis; the model rebuilt from it "
+            "takes any batch",
+            "tolerance": "its check is bitwise equality with the checkpoint's weights",
+            "latency_runs": "a weights file is not a program to time",
+        },
+    ),
+}
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``export`` sub-command to the CLI's sub-parsers.
 
@@ -523,30 +725,34 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     Returns:
         The ``export`` parser.
     """
+    formats = "; ".join(f"{name}: {spec.summary}" for name, spec in FORMATS.items())
     p = sub.add_parser(
         "export",
-        help="export a run's best weights to .pt2 or .onnx, verified",
+        help="export a run's best weights to .pt2, .onnx or .safetensors, verified",
         description="Export the best checkpoint (eval mode) with torch.export (pt2) or the "
-        "dynamo ONNX exporter (onnx). The artifact takes uint8 NCHW images fitted to the "
-        "working size, normalisation inside; model.json beside it gives the preprocessing, "
-        "class names and task state. A fresh process loads the file and compares it with "
-        "the eager model on validation images; a mismatch exits 1 and removes the file.",
+        "dynamo ONNX exporter (onnx), or its weights alone (safetensors). A pt2/onnx "
+        "artifact takes uint8 NCHW images fitted to the working size, normalisation inside; "
+        "a fresh process loads the file and compares it with the eager model on validation "
+        "images, and a mismatch exits 1 and removes the file. A safetensors file is read "
+        "back and compared bit for bit with the checkpoint's weights. model.json beside "
+        "any of them gives the preprocessing, class names, task state and config.",
         epilog="Example: visiontrain export runs/defects-1 --format onnx --dynamic-batch; "
         "then visiontrain predict runs/defects-1/export/model.onnx images/",
     )
     p.add_argument("target", metavar="RUN_OR_CKPT")
-    p.add_argument("--format", choices=FORMATS, default="pt2")
+    p.add_argument("--format", choices=list(FORMATS), default="pt2", help=formats)
     p.add_argument(
         "--dynamic-batch",
         action="store_true",
-        help="export a batch axis of any size (default: batch 1)",
+        help="pt2/onnx: export a batch axis of any size (default: batch 1)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/export)")
     p.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
-        help="largest |exported - eager| allowed, relative to max(1, max|eager|) (1e-4)",
+        default=None,
+        help="pt2/onnx: largest |exported - eager| allowed, relative to max(1, max|eager|) "
+        f"({DEFAULT_TOLERANCE:g})",
     )
     p.add_argument(
         "--verify",
@@ -556,8 +762,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--latency-runs",
         type=int,
-        default=20,
-        help="timed runs per batch size for the latency table; 0 skips it (20)",
+        default=None,
+        help="pt2/onnx: timed runs per batch size for the latency table; 0 skips it "
+        f"({DEFAULT_LATENCY_RUNS})",
     )
     p.set_defaults(func=cmd_export)
     return p
