@@ -388,3 +388,13 @@ def test_pretrained_timm_reads_the_hugging_face_cache_offline(cli, tmp_path, mon
     assert "model.pretrained: safetensors file" in res.out and "re-initialised head fc" in res.out
     got = load_checkpoint(res.run_dir / "checkpoints/last.pt")["model"]
     assert torch.allclose(got["conv1.0.weight"], imagenet["conv1.0.weight"].sum(1, keepdim=True))
+
+
+def test_a_safetensors_export_seeds_another_run(cli, source, tmp_path):
+    out = tmp_path / "export"
+    res = cli("export", source, "--format", "safetensors", "--out", out)
+    assert res.code == 0, res.err
+    for target in (out / "model.safetensors", out):  # the file or its export folder
+        res = cli("train", *TINY, *TYPES, f"model.weights={target}", f"run.dir={tmp_path}")
+        assert res.code == 0, res.err
+        assert "model.weights: safetensors file" in res.out and "re-initialised head" in res.out

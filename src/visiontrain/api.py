@@ -776,7 +776,7 @@ class Predictor:
 
 
 def load(target: str | Path, model: nn.Module | None = None) -> Predictor:
-    """A predictor from a run directory, a checkpoint, or an exported ``.pt2``/``.onnx``.
+    """A predictor from a run, a checkpoint, or an export (``.pt2``/``.onnx``/``.safetensors``).
 
     Example:
         >>> import visiontrain as vt
@@ -784,7 +784,8 @@ def load(target: str | Path, model: nn.Module | None = None) -> Predictor:
 
     Args:
         target: A run directory (its best.pt), a ``.pt`` checkpoint, or an exported
-            artifact with its ``model.json`` beside it.
+            artifact with its ``model.json`` beside it (the file, the ``model.json`` or the
+            export folder when it holds one artifact).
         model: For a checkpoint of your own module: an instance built as for training,
             which receives the weights.
 
