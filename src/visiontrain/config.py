@@ -57,8 +57,16 @@ class DataConfig(_Section):
     prefetch_factor: int = Field(2, ge=1, le=64)
     persistent_workers: bool = True
     drop_last: bool = True
-    augment: Literal["none", "light", "standard"] = "light"
+    augment: Literal[
+        "none", "light", "standard", "randaugment", "trivialaugment", "autoaugment"
+    ] = "light"
     augment_on: Literal["loader", "device"] = "loader"
+    # Policy knobs (None: torchvision's default), refused for a preset that ignores them.
+    augment_magnitude: int | None = Field(None, ge=0, le=30)
+    augment_ops: int | None = Field(None, ge=1, le=14)
+    autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] | None = None
+    # Probability of erasing one rectangle to 0 after the augmentation (0: off).
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     # MixUp / CutMix Beta alphas (0: off), applied to training batches on the device.
     mixup: float = Field(0.0, ge=0.0, le=10.0)
     cutmix: float = Field(0.0, ge=0.0, le=10.0)
@@ -258,6 +266,8 @@ class TrainConfig(_Section):
     sync_bn: bool = False
     monitor: str | None = None
     threshold: float | str = 0.5
+    # Fit one temperature on val after training (classification): calibrated probabilities.
+    calibrate: Literal["none", "temperature"] = "none"
     monitor_mode: Literal["auto", "min", "max"] = "auto"
     eval_every: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
@@ -721,6 +731,7 @@ RESUMABLE_CHANGES = (
     "train.activation_checkpointing",
     "train.deterministic",
     "train.threshold",
+    "train.calibrate",
     "train.on_nan",
     "train.max_nan_skips",
     "train.max_rollbacks",

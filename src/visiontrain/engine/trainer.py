@@ -496,10 +496,18 @@ class Trainer:
         if info is None:
             return
         self.results["val"] = self.task.compute_metrics()
-        if not isinstance(self.cfg.train.threshold, float):
-            # A tuned threshold changes the val metrics; a fixed one gives the best epoch's.
+        if not isinstance(self.cfg.train.threshold, float) or "temperature" in info:
+            # A tuned threshold or a temperature changes the val metrics; a fixed threshold
+            # gives the best epoch's.
             self._emit({"split": "val", "kind": "calibrated", **self.results["val"]})
         self.checkpointer.store_task_state(self.task.state_dict())
+        if "temperature" in info:
+            c = info["calibration"]
+            self.console(
+                f"temperature {c['temperature']:.4g} fitted on val: ECE {c['val_ece_before']:.4f}"
+                f" -> {c['val_ece_after']:.4f}, NLL {c['val_nll_before']:.4f} -> "
+                f"{c['val_nll_after']:.4f}"
+            )
         if "threshold" in info:
             self.console(
                 f"threshold {info['threshold']:.4g} ({info['rule']}): val precision "

@@ -235,6 +235,9 @@ def load_exported(path: str | Path) -> Exported | Loaded:
     if meta["task"] == "regression":
         # The artifact de-standardises inside, so the rows need the identity scaling.
         task_state.update(target_mean=[0.0] * len(targets), target_std=[1.0] * len(targets))
+    if "temperature" in task_state:
+        # The graph divides its logits by the run's temperature itself (ExportModule).
+        task_state["calibrated_inside"] = task_state.pop("temperature")
     return Exported(
         path,
         meta,
@@ -503,7 +506,13 @@ def describe(
     size = loaded.image_size
     outputs = {
         "classification": "output: float32 [N, classes] logits; probabilities by "
-        f"{loaded.task_state.get('activation', 'softmax')}",
+        f"{loaded.task_state.get('activation', 'softmax')}"
+        + (
+            f" (calibrated: already divided by the run's temperature "
+            f"{loaded.task_state['temperature']:.6g})"
+            if loaded.task_state.get("temperature", 1.0) != 1.0
+            else ""
+        ),
         "regression": "output: float32 [N, targets] values in the targets' own units "
         "(de-standardised inside)",
         "segmentation": f"output: float32 [N, classes, {size}, {size}] logits per pixel of the "

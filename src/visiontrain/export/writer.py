@@ -88,11 +88,15 @@ class ExportModule(nn.Module):
         std = torch.tensor(state["target_std"] if regress else [1.0], dtype=torch.float32)
         self.register_buffer("target_mean", mean, persistent=False)
         self.register_buffer("target_std", std, persistent=False)
+        # train.calibrate=temperature: the artifact's logits are the calibrated ones.
+        self.temperature = float(state.get("temperature", 1.0))
 
     def forward(self, images: torch.Tensor) -> Any:  # noqa: D102
         out = self.model(self.normalizer(images)).float()
         if self.task == "regression":
             out = out * self.target_std + self.target_mean
+        elif self.task == "classification" and self.temperature != 1.0:
+            out = out / self.temperature
         return out
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
 from visiontrain.engine.distributed import Dist
+from visiontrain.errors import ConfigError
 from visiontrain.registry import Registry
 
 
@@ -25,6 +26,8 @@ class Task:
     name = "task"
     # Whether calibrate() tunes something on val after training (set per instance).
     calibrates = False
+    # Whether the task fits train.calibrate=temperature (class probabilities to calibrate).
+    temperature_scaling = False
     # Whether the model sees the whole image fitted to a square (boxes, masks) rather than
     # the centre crop of classification.
     whole_image = False
@@ -153,5 +156,15 @@ def task_class(name: str) -> TaskFactory:
 
 
 def build_task(cfg: Config, bundle: DataBundle, device: torch.device) -> Task:
-    """Build the task named by ``task``."""
-    return task_class(cfg.task)(cfg, bundle, device)
+    """Build the task named by ``task``.
+
+    Raises:
+        ConfigError: ``train.calibrate`` for a task without class probabilities.
+    """
+    cls = task_class(cfg.task)
+    if cfg.train.calibrate != "none" and not cls.temperature_scaling:
+        raise ConfigError(
+            f"train.calibrate={cfg.train.calibrate} calibrates class probabilities; task "
+            f"{cfg.task} has none to calibrate. Remove the key."
+        )
+    return cls(cfg, bundle, device)

@@ -25,6 +25,7 @@ from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
+from visiontrain.tasks.calibration import CalibrationStats, fit_temperature, nll
 from visiontrain.tasks.thresholds import average_precision, choose_threshold, pr_curve
 
 # At most this many points of the PR curve go into summary.json.
@@ -48,6 +49,7 @@ class ClassificationTask(Task):
     """One label per image out of ``num_classes``."""
 
     name = "classification"
+    temperature_scaling = True
 
     @staticmethod
     def predictions(  # noqa: D102
@@ -62,8 +64,13 @@ class ClassificationTask(Task):
         self.class_counts = counts
         self.loss_fn = build_loss(cfg.loss, LossContext("classification", n, counts))
         self.binary = n == 2
+        # train.calibrate=temperature: one temperature fitted on val after training.
+        self.temperature = 1.0
+        self.fits_temperature = cfg.train.calibrate == "temperature"
+        self.calibration_info: dict[str, Any] | None = None
+        self.calibration = CalibrationStats(device)
         # Binary: the PR curve and the threshold come from val with the best weights.
-        self.calibrates = self.binary
+        self.calibrates = self.binary or self.fits_temperature
         rule = cfg.train.threshold
         if not self.binary and rule != 0.5:
             raise ConfigError(
@@ -90,6 +97,7 @@ class ClassificationTask(Task):
         self._count = torch.zeros((), device=device, dtype=torch.long)
         self._scores: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: D102
         return {"loss": self.loss_fn(output, target)}
@@ -98,16 +106,21 @@ class ClassificationTask(Task):
         self.metrics.reset()
         self._loss_sum.zero_()
         self._count.zero_()
-        self._scores, self._targets = [], []
+        self._scores, self._targets, self._logits = [], [], []
         self._preds: list[torch.Tensor] = []
+        self.calibration.reset()
 
     def update_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:  # noqa: D102
         # Sum, not mean, so that the last (smaller) batch weighs by its size.
         self._loss_sum += self.loss_fn(output, target).detach() * target.shape[0]
         self._count += target.shape[0]
+        probs = probabilities(output.float() / self.temperature, self.loss_fn.activation)
+        self.calibration.update(probs, target)
+        if self.fits_temperature:
+            self._logits.append(output.detach().float())
         if self.binary:
             # Scores stay on the device; thresholds are applied once, in compute_metrics.
-            self._scores.append(probabilities(output, self.loss_fn.activation)[:, 1])
+            self._scores.append(probs[:, 1])
             self._targets.append(target)
         else:
             # Softmax and sigmoid are monotonic: the argmax of the logits is the decision.
@@ -118,6 +131,11 @@ class ClassificationTask(Task):
     def sync_metrics(self, dist: Dist) -> None:  # noqa: D102
         dist.sum_(self._loss_sum)
         dist.sum_(self._count)
+        for t in self.calibration.tensors():
+            dist.sum_(t)
+        if self.fits_temperature:
+            mine = torch.cat(self._logits) if self._logits else self._empty(torch.float32)
+            self._logits = [dist.gather_rows(mine)]
         dtype = torch.float32 if self.binary else torch.long
         mine = self._scores if self.binary else self._preds
         values = dist.gather_rows(torch.cat(mine) if mine else self._empty(dtype))
@@ -164,13 +182,52 @@ class ClassificationTask(Task):
             "accuracy": float(values["accuracy"]),
             "macro_f1": float(values["macro_f1"]),
             **extra,
+            **self.calibration.compute(),
             "per_class": per_class,
             "confusion_matrix": confusion.tolist(),
             "samples": count,
         }
 
     def calibrate(self) -> dict[str, Any] | None:
-        """Choose ``train.threshold`` on the scores of the last (val) evaluation."""
+        """Fit the temperature, then choose ``train.threshold``, on the last (val) evaluation.
+
+        The threshold is chosen on the calibrated probabilities, as predictions use them.
+        """
+        info: dict[str, Any] = {}
+        if self.fits_temperature and self._logits:
+            info.update(self._fit_temperature())
+        threshold = self._choose_threshold()
+        if threshold is not None:
+            info.update(threshold)
+        return info or None
+
+    def _fit_temperature(self) -> dict[str, Any]:
+        logits, targets = torch.cat(self._logits), torch.cat(self._targets)
+        activation = self.loss_fn.activation
+        before = self.calibration.compute()
+        nll_before = float(nll(logits, targets, activation))
+        self.temperature = fit_temperature(logits, targets, activation)
+        # The pass's statistics and binary scores again, through the new temperature.
+        probs = probabilities(logits / self.temperature, activation)
+        self.calibration.reset()
+        self.calibration.update(probs, targets)
+        if self.binary:
+            self._scores = [probs[:, 1]]
+            self._targets = [targets]
+        after = self.calibration.compute()
+        self.calibration_info = {
+            "method": "temperature",
+            "temperature": round(self.temperature, 6),
+            "val_ece_before": before["ece"],
+            "val_ece_after": after["ece"],
+            "val_nll_before": nll_before,
+            "val_nll_after": float(nll(logits / self.temperature, targets, activation)),
+            "val_brier_before": before["brier"],
+            "val_brier_after": after["brier"],
+        }
+        return {"temperature": self.temperature, "calibration": self.calibration_info}
+
+    def _choose_threshold(self) -> dict[str, Any] | None:
         if not self.binary or not self._scores:
             return None
         scores, targets = torch.cat(self._scores).cpu(), torch.cat(self._targets).cpu()
@@ -245,21 +302,30 @@ class ClassificationTask(Task):
             "class_weights": info.get("class_weights"),
             "sampler": self.sampler_info(),
             "threshold": self.threshold_info,
+            "calibration": self.calibration_info,
         }
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"activation": self.loss_fn.activation, "threshold": self.threshold}
+        return {
+            "activation": self.loss_fn.activation,
+            "threshold": self.threshold,
+            "temperature": self.temperature,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
         if self.binary and state.get("threshold") is not None:
             self.threshold = float(state["threshold"])
+        self.temperature = float(state.get("temperature", 1.0))
 
 
 def predictions(
     outputs: list[torch.Tensor], task_state: dict[str, Any], names: list[str], top_k: int
 ) -> list[dict[str, Any]]:
     """Per-image prediction rows: the decided class, its probability and the top k."""
-    probs = probabilities(torch.stack(outputs).float(), task_state.get("activation", "softmax"))
+    # The run's temperature (train.calibrate); 1 when none was fitted or it is applied inside
+    # an exported graph already.
+    logits = torch.stack(outputs).float() / float(task_state.get("temperature", 1.0))
+    probs = probabilities(logits, task_state.get("activation", "softmax"))
     chosen = decide(probs, task_state.get("threshold"))
     k = min(top_k, len(names))
     top_p, top_i = probs.topk(k, dim=1)

@@ -1,0 +1,114 @@
+"""How far predicted probabilities are from observed frequencies, and temperature scaling.
+
+Every classification evaluation reports the expected calibration error (ECE: the
+confidence of the predicted class against its accuracy, over 15 equal-width bins,
+weighted by the bins' sizes; Guo et al. 2017), the maximum calibration error (MCE: the
+worst non-empty bin) and the Brier score (the mean squared distance between the
+probability vector and the one-hot truth, summed over classes). The sums behind them are
+kept on the device and are additive, so DDP ranks just add them.
+
+``train.calibrate=temperature`` fits one temperature ``T`` on the validation logits of the
+best weights (LBFGS on the negative log-likelihood of ``logits / T``); ``T > 1`` softens
+an over-confident model. Dividing logits by a positive number never changes their
+argmax, so decisions stay as trained; only the probabilities move.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BINS = 15
+
+
+class CalibrationStats:
+    """Per-bin sums of confidence and accuracy, and the Brier sum, on the device."""
+
+    def __init__(self, device: torch.device, bins: int = BINS) -> None:
+        self.bins = bins
+        # Rows: count, confidence sum, correct count, per bin; float64 for exact sums.
+        self.table = torch.zeros((3, bins), dtype=torch.float64, device=device)
+        self.brier = torch.zeros((), dtype=torch.float64, device=device)
+
+    def reset(self) -> None:
+        """Forget every sample."""
+        self.table.zero_()
+        self.brier.zero_()
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``probs`` (N, C) and int64 class indices (N,)."""
+        conf, pred = probs.max(dim=1)
+        correct = (pred == target).double()
+        index = (conf * self.bins).long().clamp(max=self.bins - 1)
+        ones = torch.ones_like(correct)
+        self.table[0].index_add_(0, index, ones)
+        self.table[1].index_add_(0, index, conf.double())
+        self.table[2].index_add_(0, index, correct)
+        truth = F.one_hot(target, probs.shape[1]).to(probs.dtype)
+        self.brier += ((probs - truth) ** 2).sum().double()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state to sum over DDP ranks, in place."""
+        return [self.table, self.brier]
+
+    def compute(self) -> dict[str, Any]:
+        """``ece``, ``mce``, ``brier`` and the reliability table (one host sync)."""
+        table, brier = self.table.cpu(), float(self.brier)
+        count, conf, correct = table
+        n = float(count.sum())
+        filled = count > 0
+        gap = (correct[filled] - conf[filled]).abs() / count[filled]
+
+        def per_bin(sums: torch.Tensor) -> list[float | None]:
+            return [round(float(v / k), 6) if k else None for v, k in zip(sums, count, strict=True)]
+
+        return {
+            "ece": float((gap * count[filled]).sum() / n) if n else 0.0,
+            "mce": float(gap.max()) if bool(filled.any()) else 0.0,
+            "brier": brier / n if n else 0.0,
+            "reliability": {
+                "bins": self.bins,
+                "count": [int(c) for c in count],
+                "confidence": [
+                    round(float(c / k), 6) if k else None for c, k in zip(conf, count, strict=True)
+                ],
+                "accuracy": [
+                    round(float(a / k), 6) if k else None
+                    for a, k in zip(correct, count, strict=True)
+                ],
+            },
+        }
+
+
+def nll(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
+    """The negative log-likelihood the model's probabilities give the truth, per sample mean."""
+    if activation == "sigmoid":
+        truth = F.one_hot(target, logits.shape[1]).float()
+        return F.binary_cross_entropy_with_logits(logits, truth)
+    return F.cross_entropy(logits, target)
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str) -> float:
+    """The temperature that minimises the NLL of ``logits / T`` (LBFGS over ``log T``).
+
+    Optimising ``log T`` keeps ``T`` positive without a constraint.
+
+    Args:
+        logits: float (N, C) validation logits of the best weights.
+        target: int64 class indices (N,).
+        activation: ``softmax`` or ``sigmoid`` (one-vs-rest losses).
+    """
+    logits, target = logits.detach().float().cpu(), target.detach().cpu()
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nll(logits / log_t.exp(), target, activation)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
