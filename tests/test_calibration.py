@@ -114,6 +114,6 @@ def test_calibrated_run_stores_the_temperature_and_exports_it(cli, tmp_path):
 
 
 def test_calibration_is_refused_without_class_probabilities(cli, tmp_path):
-    res = cli("train", *TINY_ANY, "task=regression", "data.name=shapes", "train.calibrate=temperature",
-              f"run.dir={tmp_path}")  # fmt: skip
+    args = ["task=regression", "data.name=shapes", "train.calibrate=temperature"]
+    res = cli("train", *TINY_ANY, *args, f"run.dir={tmp_path}")
     assert res.code == 2 and "has none to calibrate" in res.err
