@@ -88,12 +88,10 @@ def _pr_points(ctx: ReportContext) -> tuple[list[float], list[float], str] | Non
     samples = ctx.samples(SCORED_IMAGES)
     if samples is None or len(samples.names) != 2:
         return None
-    from visiontrain.tasks.classification import probabilities
+    from visiontrain.tasks.classification import calibrated_probabilities
     from visiontrain.tasks.thresholds import pr_curve
 
-    probs = probabilities(
-        torch.stack(samples.outputs), samples.task_state.get("activation", "softmax")
-    )
+    probs = calibrated_probabilities(torch.stack(samples.outputs), samples.task_state)
     targets = torch.stack(samples.targets).long()
     if not 0 < int(targets.sum()) < len(targets):
         return None
@@ -142,11 +140,9 @@ def worst_plot(ctx: ReportContext) -> Plot | None:
     samples = ctx.samples(SCORED_IMAGES)
     if samples is None or not samples.images:
         return None
-    from visiontrain.tasks.classification import decide, probabilities
+    from visiontrain.tasks.classification import calibrated_probabilities, decide
 
-    probs = probabilities(
-        torch.stack(samples.outputs), samples.task_state.get("activation", "softmax")
-    )
+    probs = calibrated_probabilities(torch.stack(samples.outputs), samples.task_state)
     targets = torch.stack(samples.targets).long()
     chosen = decide(probs, samples.task_state.get("threshold"))
     p_true = probs[torch.arange(len(targets)), targets]
@@ -179,6 +175,49 @@ def worst_plot(ctx: ReportContext) -> Plot | None:
     )
 
 
+def reliability_plot(ctx: ReportContext) -> Plot | None:
+    """Accuracy against confidence per bin (val): a calibrated model lies on the diagonal."""
+    table = ctx.val.get("reliability")
+    if not isinstance(table, dict) or not any(table.get("count") or []):
+        return None
+    bins = int(table["bins"])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = np.array([np.nan if a is None else a for a in table["accuracy"]], dtype=float)
+    conf = np.array([np.nan if c is None else c for c in table["confidence"]], dtype=float)
+    count = np.asarray(table["count"], dtype=float)
+    fig, axes = new_figure(width=8.4, height=3.8, ncols=2)
+    ax = axes[0, 0]
+    ax.bar(centres, np.nan_to_num(acc), width=1.0 / bins, edgecolor="black", alpha=0.7,
+           label="accuracy")  # fmt: skip
+    ax.plot(centres, conf, marker="o", linestyle="none", color=BEST_COLOR, markersize=3,
+            label="mean confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    cal = (ctx.run.summary or {}).get("calibration") or {}
+    title = f"ECE {ctx.val.get('ece', float('nan')):.4f}"
+    if cal:
+        title += f" (temperature {cal['temperature']:.3g}; before {cal['val_ece_before']:.4f})"
+    ax.set_title(title, fontsize=10)
+    axes[0, 1].bar(centres, count, width=1.0 / bins, edgecolor="black")
+    axes[0, 1].set_xlabel("confidence of the predicted class")
+    axes[0, 1].set_ylabel("images")
+    axes[0, 1].set_title("images per bin", fontsize=10)
+    return render(
+        fig,
+        "reliability",
+        "Reliability diagram (val)",
+        f"The val images in {bins} bins of the predicted class's probability: bars are the "
+        "accuracy in each bin, dots the mean confidence; a calibrated model has them on the "
+        "diagonal. ECE is the gap averaged over images."
+        + (" After temperature scaling (train.calibrate)." if cal else ""),
+    )
+
+
 @register_section("classification")
 def classification_plots(ctx: ReportContext) -> list[Plot]:
     """All classification figures the run allows."""
@@ -190,5 +229,6 @@ def classification_plots(ctx: ReportContext) -> list[Plot]:
         plots.append(per_class_plot(ctx.val["per_class"]))
     if len(names) == 2:
         plots.append(pr_plot(ctx))
+    plots.append(reliability_plot(ctx))
     plots.append(worst_plot(ctx))
     return [p for p in plots if p is not None]

@@ -37,6 +37,15 @@ def probabilities(output: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.sigmoid(output) if activation == "sigmoid" else torch.softmax(output, dim=1)
 
 
+def calibrated_probabilities(outputs: torch.Tensor, task_state: dict[str, Any]) -> torch.Tensor:
+    """Probabilities as a trained run gives them: its activation, through its temperature.
+
+    The temperature is 1 when none was fitted, or when an exported graph applied it inside.
+    """
+    logits = outputs.float() / float(task_state.get("temperature", 1.0))
+    return probabilities(logits, task_state.get("activation", "softmax"))
+
+
 def decide(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """Predicted classes: argmax, or for two classes ``P(class 1) >= threshold``."""
     if threshold is not None and probs.shape[1] == 2:
@@ -322,10 +331,7 @@ def predictions(
     outputs: list[torch.Tensor], task_state: dict[str, Any], names: list[str], top_k: int
 ) -> list[dict[str, Any]]:
     """Per-image prediction rows: the decided class, its probability and the top k."""
-    # The run's temperature (train.calibrate); 1 when none was fitted or it is applied inside
-    # an exported graph already.
-    logits = torch.stack(outputs).float() / float(task_state.get("temperature", 1.0))
-    probs = probabilities(logits, task_state.get("activation", "softmax"))
+    probs = calibrated_probabilities(torch.stack(outputs), task_state)
     chosen = decide(probs, task_state.get("threshold"))
     k = min(top_k, len(names))
     top_p, top_i = probs.topk(k, dim=1)
