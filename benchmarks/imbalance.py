@@ -44,6 +44,11 @@ VARIANTS: dict[str, list[str]] = {
     "effective_weights": ["loss.class_weights=effective"],
     "weighted_sampler": ["data.sampler=weighted"],
     "threshold": ["train.threshold=best_f1"],
+    # Combinations of the remedies that each lifted recall without losing macro F1.
+    "effective+threshold": ["loss.class_weights=effective", "train.threshold=best_f1"],
+    "sampler+threshold": ["data.sampler=weighted", "train.threshold=best_f1"],
+    "focal+threshold": ["loss.name=focal", "train.threshold=best_f1"],
+    "effective+sampler": ["loss.class_weights=effective", "data.sampler=weighted"],
 }
 QUICK = [
     "data.image_size=16",

@@ -7,7 +7,6 @@ run directory is created, so a refused command leaves nothing behind that looks 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.distributed import Dist, current, distributed_session
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.evaluate import evaluate as evaluate_loop
-from visiontrain.engine.parts import build_parts, buildable_optim
+from visiontrain.engine.parts import build_parts, buildable_optim, updates_per_epoch
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.restore import Loaded, load_trained
 from visiontrain.engine.schedules import Horizon, build_schedule
@@ -116,7 +115,7 @@ def assemble(
     optimizer, loaders = parts.optimizer, parts.loaders
     horizon = Horizon(
         epochs=cfg.train.epochs,
-        updates_per_epoch=math.ceil(len(loaders.train.batch_sampler) / cfg.train.accumulate),
+        updates_per_epoch=updates_per_epoch(cfg, loaders),
         head_epochs=cfg.train.freeze_epochs,
     )
     schedule = build_schedule(optimizer, cfg.schedule, buildable_optim(cfg.optim), horizon)

@@ -87,7 +87,7 @@ class DataConfig(_Section):
     # A fixed stratified share of the training split (tune trials train on a fraction).
     train_fraction: float | None = Field(None, gt=0.0, le=1.0)
     defect_rate: float | None = Field(None, gt=0.0, lt=1.0)
-    defect_classes: Literal["binary", "types"] | None = None
+    defect_classes: Literal["binary", "types", "multilabel"] | None = None
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -144,6 +144,11 @@ class LossConfig(_Section):
     dice_weight: float | None = Field(None, ge=0.0)
     ce_weight: float | None = Field(None, ge=0.0)
     term_weights: dict[str, float] | None = None
+    # Asymmetric loss (Ridnik et al. 2021): focusing of negatives / positives, and the
+    # probability margin below which a negative costs nothing.
+    asl_gamma_neg: float | None = Field(None, ge=0.0, le=10.0)
+    asl_gamma_pos: float | None = Field(None, ge=0.0, le=10.0)
+    asl_clip: float | None = Field(None, ge=0.0, lt=1.0)
 
     @field_validator("class_weights", "pos_weight")
     @classmethod
@@ -167,13 +172,14 @@ class LossConfig(_Section):
 # The loss a task trains with when `loss.name` is not set.
 DEFAULT_LOSS = {
     "classification": "cross_entropy",
+    "multilabel": "bce_with_logits",
     "regression": "mse",
     "segmentation": "dice_ce",
     "detection": "detector",
 }
 # The metric that picks best.pt when `train.monitor` is not set. A detector computes its
 # losses only in training mode, so detection has no val/loss.
-DEFAULT_MONITOR = {"detection": "val/map", "segmentation": "val/miou"}
+DEFAULT_MONITOR = {"detection": "val/map", "segmentation": "val/miou", "multilabel": "val/map"}
 
 
 class OptimConfig(_Section):
@@ -249,6 +255,9 @@ class TrainConfig(_Section):
     """The loop: length, precision, accumulation, clipping, seeding, monitoring."""
 
     epochs: int = Field(12, ge=1, le=100_000)
+    # A budget in optimizer updates that holds whatever the data's size: when train.epochs
+    # would give fewer updates, the run trains ceil(min_updates / updates per epoch) epochs.
+    min_updates: int | None = Field(None, ge=1, le=100_000_000)
     precision: Literal["32", "bf16", "fp16"] = "32"
     accumulate: int = Field(1, ge=1, le=4096)
     grad_clip_norm: float | None = Field(None, gt=0.0)
@@ -359,6 +368,7 @@ SPACE_KINDS = ("log_uniform", "uniform", "int", "choice")
 TUNE_RESERVED = (
     "task",
     "train.epochs",
+    "train.min_updates",
     "train.progress",
     "train.monitor",
     "train.monitor_mode",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -126,11 +127,22 @@ def build_parts(
     if data is not None or model is not None:
         check_outputs(cfg, bundle, model, device)
     notes: list[str] = []
+    dist = current()
     weights = start_weights(cfg, model) if start_from_weights else []
     for report in weights:
         notes.extend(report.notes())
     if cfg.model.freeze:
         notes.append(freeze_prefixes(model, cfg.model.freeze))
+    if cfg.train.sync_bn:
+        model, note = convert_sync_bn(model, dist, device)
+        notes.append(note)
+    if cfg.train.activation_checkpointing:
+        notes.append(enable_activation_checkpointing(model, cfg.model.name))
+    optimizer = build_optimizer(buildable_optim(cfg.optim), model)
+    loaders = build_loaders(cfg, bundle, device, dist.rank, dist.world_size)
+    budget = resolve_min_updates(cfg, updates_per_epoch(cfg, loaders))
+    if budget is not None:
+        notes.append(budget)
     freeze = None
     if cfg.train.freeze_epochs:
         if cfg.train.freeze_epochs >= cfg.train.epochs:
@@ -145,19 +157,44 @@ def build_parts(
             f"train.freeze_epochs={cfg.train.freeze_epochs}: only the head "
             f"({', '.join(head.head)}; {head.rule}) trains first, then every layer"
         )
-    dist = current()
-    if cfg.train.sync_bn:
-        model, note = convert_sync_bn(model, dist, device)
-        notes.append(note)
-    if cfg.train.activation_checkpointing:
-        notes.append(enable_activation_checkpointing(model, cfg.model.name))
-    optimizer = build_optimizer(buildable_optim(cfg.optim), model)
-    loaders = build_loaders(cfg, bundle, device, dist.rank, dist.world_size)
     if dist.rank > 0:
         # Same initial weights on every rank (seeded alike above; DDP broadcasts rank 0's
         # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
         seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
     return Parts(device, bundle, task, model, optimizer, loaders, notes, freeze, weights)
+
+
+def updates_per_epoch(cfg: Config, loaders: Loaders) -> int:
+    """Optimizer updates in one epoch: batches over ``train.accumulate``, the remainder too."""
+    return math.ceil(len(loaders.train.batch_sampler) / cfg.train.accumulate)
+
+
+def resolve_min_updates(cfg: Config, per_epoch: int) -> str | None:
+    """``train.min_updates``: raise ``train.epochs`` until the run makes that many updates.
+
+    The rule a recipe states once and that holds for data ten times smaller or larger:
+    ``epochs = max(train.epochs, ceil(min_updates / updates per epoch))``. The resolved
+    number is written back to the config, so config.yaml, every checkpoint and a resume
+    see the epochs the run trains.
+
+    Returns:
+        A note saying what the rule gave, or None without ``train.min_updates``.
+    """
+    floor = cfg.train.min_updates
+    if floor is None:
+        return None
+    asked = cfg.train.epochs
+    need = math.ceil(floor / max(1, per_epoch))
+    if need <= asked:
+        return (
+            f"train.min_updates={floor}: train.epochs={asked} already gives "
+            f"{asked * per_epoch} updates ({per_epoch} per epoch)"
+        )
+    cfg.train.epochs = need
+    return (
+        f"train.min_updates={floor}: {per_epoch} updates per epoch, so {need} epochs "
+        f"({need * per_epoch} updates) instead of train.epochs={asked} ({asked * per_epoch})"
+    )
 
 
 def build_prep(cfg: Config, bundle: DataBundle, device: torch.device, rank: int = 0) -> BatchPrep:

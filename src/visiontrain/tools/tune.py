@@ -58,7 +58,13 @@ HEARTBEAT_GRACE_S = 30
 # How often a worker looks again while the last trials of the study run elsewhere.
 POLL_S = 2.0
 # Keys tune sets for every trial; on tune's command line they would be overridden.
-TRIAL_KEYS = ("train.epochs", "train.progress", "data.train_fraction", "run.resume")
+TRIAL_KEYS = (
+    "train.epochs",
+    "train.min_updates",
+    "train.progress",
+    "data.train_fraction",
+    "run.resume",
+)
 # Config keys that do not change what a trial computes: a study may be resumed with
 # different values of these (more trials, another storage URL, a progress mode).
 NOT_SIGNATURE = ("run.", "train.progress", "tune.trials", "tune.storage", "tune.study")
@@ -161,6 +167,8 @@ def trial_config(search: Search, values: dict[str, Any], number: int | str) -> C
     t = search.cfg.tune
     fixed = {
         "train.epochs": t.epochs,
+        # A trial's budget is tune.epochs: a recipe's update floor would lengthen it.
+        "train.min_updates": None,
         "data.train_fraction": t.data_fraction,
         "train.progress": "none",
         "run.dir": str(search.folder),
