@@ -260,3 +260,16 @@ def test_cli_writes_doctor_json_and_exit_codes(cli, tmp_path) -> None:
 
     unknown = cli("doctor", *TINY, f"run.dir={tmp_path}", "--check", "eval.mod")
     assert unknown.code == 2 and "eval.mode" in unknown.err
+
+
+def test_flips_on_digits_warn_and_on_defects_do_not() -> None:
+    """Mirrored digits lose their class (a model trained without flips says so)."""
+    digits = build_config(
+        {}, ["data.name=digits", "data.image_size=16", "data.augment=light", "optim.lr=0.003"]
+    )
+    (finding,) = _run(digits, ["data.flip_symmetry"])
+    assert finding.level == "warning", finding
+    assert finding.evidence["accuracy_mirrored"] < finding.evidence["accuracy_original"] - 0.1
+    assert "data.augment=none" in finding.fix
+    (finding,) = _run(_cfg("data.augment=none"), ["data.flip_symmetry"])
+    assert finding.level == "ok" and "does not flip" in finding.message

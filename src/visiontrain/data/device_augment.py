@@ -116,8 +116,16 @@ def check_augment_on(augment_on: str, augment: str, task: str) -> None:
             f"data.augment_on=device augments images only; task {task} must move its boxes "
             "or masks with them, which the loader's transforms do. Use data.augment_on=loader."
         )
-    if augment not in PRESETS:
+    if augment == "none":
         raise ConfigError(
             f"data.augment_on=device with data.augment={augment}: there is nothing to "
             f"augment. Choose data.augment={' or '.join(PRESETS)}, or drop data.augment_on."
+        )
+    if augment not in PRESETS:
+        # The policies (randaugment, trivialaugment, autoaugment) are torchvision's
+        # per-image transforms; they have no batched version with a draw per sample here.
+        raise ConfigError(
+            f"data.augment={augment} runs in the loader only (torchvision's per-image "
+            f"policy); data.augment_on=device supports data.augment={' or '.join(PRESETS)}. "
+            "Use data.augment_on=loader, or one of those presets."
         )

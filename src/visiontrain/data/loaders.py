@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import DataBundle, Split, Target
-from visiontrain.data.transforms import PairTransform, build_pair_transform, build_transform
+from visiontrain.data.transforms import (
+    PairTransform,
+    augment_options,
+    build_pair_transform,
+    build_transform,
+)
 from visiontrain.errors import ConfigError, DataError, RunError, clean_message
 from visiontrain.seed import sample_seed, worker_init
 
@@ -236,14 +241,15 @@ def pair_transform(
     task: str, cfg: DataConfig, bundle: DataBundle, train: bool
 ) -> PairTransform | None:
     """The split's transform as ``(image, target) -> (image, target)``, or None."""
+    augment = augment_options(cfg)
     if task in ("detection", "segmentation"):
-        return build_pair_transform(task, cfg.augment, bundle.image_size, bundle.same_size, train)
+        return build_pair_transform(task, augment, bundle.image_size, bundle.same_size, train)
 
     # With data.augment_on=device the loader only fits images to the working size; the
     # random part runs on the device, on whole batches (data/device_augment.py).
     on_loader = train and cfg.augment_on == "loader"
     transform = build_transform(
-        cfg.augment, bundle.image_size, bundle.in_channels, bundle.same_size, on_loader
+        augment, bundle.image_size, bundle.in_channels, bundle.same_size, on_loader
     )
     if transform is None:
         return None

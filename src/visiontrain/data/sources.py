@@ -50,6 +50,11 @@ COMMON_DATA_KEYS = frozenset(
         "test_size",
         "epoch_samples",
         "train_fraction",
+        # The loader's augmentation knobs: every source is augmented by the same loader,
+        # and the preset refuses a knob it does not read (transforms.augment_options).
+        "augment_magnitude",
+        "augment_ops",
+        "autoaugment_policy",
     }
 )
 

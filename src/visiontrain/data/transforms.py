@@ -1,5 +1,9 @@
 """Augmentation presets (torchvision.transforms.v2 on uint8 tensors) and device normalisation.
 
+Presets are a registry (:data:`PRESETS`): ``none``, ``light``, ``standard`` and the
+torchvision policies ``randaugment``, ``trivialaugment``, ``autoaugment`` (``standard``'s
+crop and flip, then the policy); ``data.random_erasing`` follows any of them.
+
 Augmentation runs on uint8 CHW tensors in the loader; conversion to float and
 normalisation happen once, on the device, after the copy (:class:`Normalizer`).
 """
@@ -7,13 +11,36 @@ normalisation happen once, on the device, after the copy (:class:`Normalizer`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from visiontrain.config import DataConfig
+from visiontrain.errors import ConfigError
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """The training augmentation: a preset and its knobs (``data.augment*``).
+
+    Args:
+        preset: the ``data.augment`` preset, a key of :data:`PRESETS`.
+        magnitude: RandAugment's magnitude, 0-30 (``data.augment_magnitude``; None: 9).
+        ops: RandAugment's ops per image (``data.augment_ops``; None: 2).
+        policy: AutoAugment's policy (``data.autoaugment_policy``; None: imagenet).
+        random_erasing: probability of erasing one rectangle after the preset (0: off).
+    """
+
+    preset: str = "none"
+    magnitude: int | None = None
+    ops: int | None = None
+    policy: str | None = None
+    random_erasing: float = 0.0
 
 
 def _fit(size: int) -> list[v2.Transform]:
@@ -21,7 +48,7 @@ def _fit(size: int) -> list[v2.Transform]:
     return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
 
 
-def _light(size: int, channels: int) -> list[v2.Transform]:
+def _light(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
     return [
         v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"),
         v2.RandomHorizontalFlip(),
@@ -72,28 +99,109 @@ def jitter_colour(x: torch.Tensor, b: Factor, c: Factor, s: Factor) -> torch.Ten
     return x.mul_(s * c * b).add_(grey).clamp_(0, 255)
 
 
-def _standard(size: int, channels: int) -> list[v2.Transform]:
+def _crop_flip(size: int) -> list[v2.Transform]:
+    # The geometry of `standard` (its resized crop ends at the working size by itself).
     return [
         v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
-        FusedColorJitter(0.3),
     ]
 
 
-PRESETS: dict[str, Callable[[int, int], list[v2.Transform]]] = {
-    "none": lambda size, channels: [],
-    "light": _light,
-    "standard": _standard,
+def _standard(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
+    return [*_crop_flip(size), FusedColorJitter(0.3)]
+
+
+# The policies' own shears, translations and rotations interpolate bilinearly (as
+# torchvision's reference recipes do; their default is nearest) and fill with 0 on any
+# channel count. Every op of the three policies takes 1- and 3-channel uint8 (tested).
+_POLICY = {"interpolation": v2.InterpolationMode.BILINEAR}
+
+
+def _randaugment(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
+    ops = 2 if opts.ops is None else opts.ops
+    magnitude = 9 if opts.magnitude is None else opts.magnitude
+    return [*_crop_flip(size), v2.RandAugment(num_ops=ops, magnitude=magnitude, **_POLICY)]
+
+
+def _trivialaugment(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
+    return [*_crop_flip(size), v2.TrivialAugmentWide(**_POLICY)]
+
+
+def _autoaugment(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
+    policy = v2.AutoAugmentPolicy(opts.policy or "imagenet")
+    return [*_crop_flip(size), v2.AutoAugment(policy, **_POLICY)]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One ``data.augment`` preset for classification and regression.
+
+    Args:
+        build: ``(size, channels, options) -> transforms`` on uint8 CHW tensors.
+        resizes: the transforms end at the working size themselves (a resized crop), so
+            images of another size are not fitted first.
+        uses: the optional ``data.*`` knobs it reads; any other one set is refused.
+    """
+
+    build: Callable[[int, int, AugmentOptions], list[v2.Transform]]
+    resizes: bool = False
+    uses: frozenset[str] = frozenset()
+
+
+PRESETS: dict[str, Preset] = {
+    "none": Preset(lambda size, channels, opts: []),
+    "light": Preset(_light),
+    "standard": Preset(_standard, resizes=True),
+    "randaugment": Preset(
+        _randaugment, resizes=True, uses=frozenset({"augment_magnitude", "augment_ops"})
+    ),
+    "trivialaugment": Preset(_trivialaugment, resizes=True),
+    "autoaugment": Preset(_autoaugment, resizes=True, uses=frozenset({"autoaugment_policy"})),
 }
+# The optional data.* keys that belong to a preset: None unless set, refused when set for
+# a preset that does not read them.
+AUGMENT_KEYS: frozenset[str] = frozenset().union(*(p.uses for p in PRESETS.values()))
+
+
+def augment_options(cfg: DataConfig) -> AugmentOptions:
+    """The ``data.augment*`` and ``data.random_erasing`` options, checked against the preset.
+
+    Raises:
+        ConfigError: a knob is set that the preset does not use (it would be ignored), or
+            ``data.random_erasing`` is set with ``data.augment_on=device``.
+    """
+    preset = PRESETS[cfg.augment]
+    for key in sorted(AUGMENT_KEYS - preset.uses):
+        if getattr(cfg, key) is not None:
+            users = [name for name, p in PRESETS.items() if key in p.uses]
+            raise ConfigError(
+                f"data.{key}={getattr(cfg, key)} is set, but data.augment={cfg.augment} "
+                f"does not use it, so it would be ignored. Remove data.{key}, or set "
+                f"data.augment={' or '.join(users)}."
+            )
+    if cfg.random_erasing > 0 and cfg.augment_on == "device":
+        raise ConfigError(
+            f"data.random_erasing={cfg.random_erasing} erases in the loader, after the "
+            "loader's augmentation; with data.augment_on=device the loader does not "
+            "augment, so it would be skipped. Use data.augment_on=loader, or remove "
+            "data.random_erasing."
+        )
+    return AugmentOptions(
+        cfg.augment,
+        cfg.augment_magnitude,
+        cfg.augment_ops,
+        cfg.autoaugment_policy,
+        cfg.random_erasing,
+    )
 
 
 def build_transform(
-    preset: str, size: int, channels: int, same_size: bool, train: bool
+    augment: AugmentOptions | str, size: int, channels: int, same_size: bool, train: bool
 ) -> Transform | None:
     """The transform for one split; evaluation never augments.
 
     Args:
-        preset: ``none``, ``light`` or ``standard``.
+        augment: the options (:func:`augment_options`), or a preset name with its defaults.
         size: working image size.
         channels: image channels (colour jitter on saturation needs 3).
         same_size: images already are ``size`` x ``size`` (arrays resized at load).
@@ -102,11 +210,18 @@ def build_transform(
     Returns:
         A callable on uint8 CHW tensors, or None when nothing is to be done.
     """
+    opts = AugmentOptions(augment) if isinstance(augment, str) else augment
+    preset = PRESETS[opts.preset]
     steps: list[v2.Transform] = []
-    if not same_size and not (train and preset == "standard"):
+    if not same_size and not (train and preset.resizes):
         steps.extend(_fit(size))
     if train:
-        steps.extend(PRESETS[preset](size, channels))
+        steps.extend(preset.build(size, channels, opts))
+        if opts.random_erasing > 0:
+            # After every other step, on the uint8 image: one rectangle (2-33% of the area,
+            # aspect 0.3-3.3) set to 0. torchvision's value="random" draws N(0, 1), noise
+            # only for normalised floats; cast to uint8 it is not noise.
+            steps.append(v2.RandomErasing(p=opts.random_erasing, value=0))
     return v2.Compose(steps) if steps else None
 
 
@@ -171,7 +286,7 @@ def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def build_pair_transform(
-    task: str, preset: str, size: int, same_size: bool, train: bool
+    task: str, augment: AugmentOptions | str, size: int, same_size: bool, train: bool
 ) -> PairTransform | None:
     """Joint image/target transform for detection and segmentation (torchvision v2).
 
@@ -180,7 +295,8 @@ def build_pair_transform(
 
     Args:
         task: ``detection`` or ``segmentation``.
-        preset: ``none``, ``light`` (flip) or ``standard`` (scale jitter, crop, flip, colour).
+        augment: the options (:func:`augment_options`) or a preset name: ``none``,
+            ``light`` (flip) or ``standard`` (scale jitter, crop, flip, colour).
         size: working image size (square).
         same_size: images already are ``size`` x ``size``.
         train: whether this is the training split (evaluation never augments).
@@ -188,10 +304,32 @@ def build_pair_transform(
     Returns:
         A callable ``(uint8 CHW image, target) -> (image, target)`` on plain tensors, or
         None when there is nothing to do.
+
+    Raises:
+        ConfigError: a preset or ``data.random_erasing`` that cannot move the targets.
     """
+    opts = AugmentOptions(augment) if isinstance(augment, str) else augment
+    presets = _dense_presets(size)
+    if opts.preset not in presets:
+        # torchvision 0.26's RandAugment, TrivialAugmentWide and AutoAugment raise
+        # TypeError on BoundingBoxes and Mask: their shears, shifts and rotations would
+        # leave the targets behind.
+        raise ConfigError(
+            f"data.augment={opts.preset} is an image-only policy: torchvision's policy "
+            f"transforms cannot move bounding boxes or masks, so task {task} cannot use "
+            f"it. Use data.augment={', '.join(presets)} (standard: scale jitter, crop, "
+            "flip and colour jitter, with the targets)."
+        )
+    if opts.random_erasing > 0:
+        raise ConfigError(
+            f"data.random_erasing={opts.random_erasing} erases image pixels and leaves "
+            f"the {'boxes' if task == 'detection' else 'masks'} as they were, so task "
+            f"{task} would learn objects that are not there; it is for classification "
+            "and regression. Remove data.random_erasing."
+        )
     steps: list[v2.Transform] = [] if same_size else [_FitSquare(size)]
     if train:
-        steps.extend(_dense_presets(size)[preset])
+        steps.extend(presets[opts.preset])
     if task == "detection":
         steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
     if not steps:

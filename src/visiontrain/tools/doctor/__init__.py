@@ -18,6 +18,7 @@ from __future__ import annotations
 # The check modules register themselves, in this order: the order the checks run in.
 # isort: off
 from visiontrain.tools.doctor import data  # noqa: F401
+from visiontrain.tools.doctor import augment  # noqa: F401
 from visiontrain.tools.doctor import model  # noqa: F401
 from visiontrain.tools.doctor import train  # noqa: F401
 from visiontrain.tools.doctor import evaluation  # noqa: F401
