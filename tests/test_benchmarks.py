@@ -161,3 +161,34 @@ def test_gpu_throughput_quick_runs_on_the_cpu(tmp_path: Path) -> None:
     for mode in ("tf32", "bf16", "bf16_cl", "bf16_cl_compile"):
         assert re.search(rf"^{mode} +skipped: CUDA only", out, re.M), out
     assert "largest batch: skipped (no out-of-memory error on the CPU)" in out
+
+
+@pytest.mark.slow
+def test_finetune_quick_prints_the_table(tmp_path: Path) -> None:
+    import json
+
+    out_file = tmp_path / "finetune.json"
+    out = run_quick("finetune.py", tmp_path, "--out", str(out_file)).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("command: ") and lines[0].endswith(
+        f"finetune.py --quick --out {out_file}"
+    ), out
+    # The source weights went through timm's own file format, and model.weights read it
+    # with the 10-class head re-initialised for the target's 6 classes.
+    assert "(timm.models.save_for_hf)" in out, out
+    assert "note: model.weights: safetensors file " in out, out
+    assert "re-initialised head fc" in out, out
+    header = "| labels/class | epochs | updates | variant | test accuracy | test macro F1 |"
+    assert header in out, out
+    variants = ("scratch", "finetune", "freeze_epochs=1", "layer_decay=0.7")
+    for variant in variants:
+        row = rf"^\| 4 \| 2 \| \d+ \| {re.escape(variant)} \| \d\.\d{{3}} ± \d\.\d{{3}} \| "
+        assert re.search(row, out, re.M), out
+    assert re.search(r"^wall time: \d+ s$", out, re.M), out
+    results = json.loads(out_file.read_text())
+    assert list(results["results"]["4"]) == list(variants)
+    assert results["command"] == lines[0].removeprefix("command: ")
+    # The table's mean is the mean of the runs' own test accuracies (one seed here).
+    accuracy = results["results"]["4"]["finetune"][0]["accuracy"]
+    assert f"| finetune | {accuracy:.3f} ± 0.000 |" in out
+    assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
