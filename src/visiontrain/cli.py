@@ -187,7 +187,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     else:
         table = Table()
         for col in columns:
-            table.add_column(col, justify="left" if col in ("file", "prediction") else "right")
+            table.add_column(
+                col, justify="left" if col in ("file", "prediction", "labels") else "right"
+            )
         for r in flat:
             table.add_row(
                 *(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
@@ -198,6 +200,12 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         # The fixed default needs no word; a threshold tuned on val at training does.
         how = "the fixed default" if threshold == 0.5 else "tuned on val at training"
         console.print(f"decision threshold {threshold:.4g} ({how})", highlight=False)
+    thresholds = loaded.task_state.get("thresholds")
+    if thresholds is not None and args.format == "table":
+        pairs = ", ".join(
+            f"{c} {t:.4g}" for c, t in zip(loaded.class_names, thresholds, strict=True)
+        )
+        console.print(f"decision thresholds per class: {pairs}", highlight=False)
     return EXIT_OK
 
 
@@ -223,6 +231,11 @@ def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif "classes" in row:
             shares = ", ".join(f"{k} {v:.1%}" for k, v in row["classes"].items())
             flat.append({"file": row["file"], "mask": row["mask"], "classes": shares})
+        elif "labels" in row:
+            # Multilabel: the set in one column, then one probability column per class.
+            flat.append(
+                {"file": row["file"], "labels": " ".join(row["labels"]), **row["probabilities"]}
+            )
         else:
             flat.append(row)
     return flat

@@ -8,14 +8,18 @@ from __future__ import annotations
 # Headline metrics shown first, in this order, when present; the rest follow alphabetically.
 HEADLINE_ORDER = (
     "loss",
+    # Only detection and multilabel have a map; there it is the headline.
+    "map",
     "accuracy",
     "macro_f1",
+    "micro_f1",
+    "subset_accuracy",
+    "hamming_loss",
     "average_precision",
     "threshold",
     "mae",
     "rmse",
     "r2",
-    "map",
     "map_50",
     "map_75",
     "miou",
@@ -28,7 +32,7 @@ HEADLINE_ORDER = (
 NOT_HEADLINE = frozenset({"samples"})
 
 
-PER_CLASS_ORDER = ("precision", "recall", "f1", "support")
+PER_CLASS_ORDER = ("precision", "recall", "f1", "ap", "support", "threshold")
 
 
 PER_TARGET_ORDER = ("mae", "rmse", "r2")

@@ -44,15 +44,19 @@ class LossContext:
     """What a loss builder needs to know about the task and its training data.
 
     Attributes:
-        task: ``classification``, ``regression`` or ``segmentation``.
+        task: ``classification``, ``multilabel``, ``regression`` or ``segmentation``.
         num_outputs: classes (classification, segmentation) or targets (regression).
         class_counts: int64 training samples (or pixels) per class; None for regression.
+            Multilabel: the training images that carry each label.
+        num_samples: training images, where they are not the sum of ``class_counts``
+            (multilabel: an image may carry several labels, or none).
 
     """
 
     task: str
     num_outputs: int
     class_counts: torch.Tensor | None = None
+    num_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +254,8 @@ def _resolve_pos_weight(cfg: LossConfig, ctx: LossContext) -> torch.Tensor | Non
     if spec == "balanced":
         counts = _need_counts(ctx, "loss.pos_weight=balanced").double()
         # With one integer label per sample, N - n_c are the negatives of class c.
-        return ((counts.sum() - counts) / counts.clamp(min=1)).float()
+        total = counts.sum() if ctx.num_samples is None else float(ctx.num_samples)
+        return ((total - counts) / counts.clamp(min=1)).float()
     if isinstance(spec, list):
         _check_length("pos_weight", spec, ctx.num_outputs)
         return torch.tensor(spec, dtype=torch.float32)
@@ -470,6 +475,62 @@ def sigmoid_focal_loss(
     return loss.mean()
 
 
+def asymmetric_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+) -> torch.Tensor:
+    """Asymmetric loss (ASL, Ridnik et al. 2021), mean over all (sample, class) pairs.
+
+    With ``p = sigmoid(x)`` and the shifted probability ``p_m = max(p - clip, 0)``::
+
+        L = -y (1 - p) ** gamma_pos log p  -  (1 - y) p_m ** gamma_neg log(1 - p_m)
+
+    Negatives are focused harder than positives (``gamma_neg > gamma_pos``), and a negative
+    whose probability is below ``clip`` costs nothing (the margin discards easy negatives
+    and, the paper argues, mislabelled ones). At ``gamma_neg = gamma_pos = clip = 0`` it is
+    binary cross entropy. The loss is linear in ``y``, so a MixUp/CutMix target gives the
+    blend of the two label sets' losses. The reference code sums over the batch; the mean
+    here matches ``bce_with_logits`` (with Adam-style optimizers the scale barely matters).
+
+    Args:
+        logits: shape (N, C).
+        target: float in [0, 1], same shape.
+        gamma_neg: focusing exponent of the negative term.
+        gamma_pos: focusing exponent of the positive term.
+        clip: probability margin ``m`` of the negatives, in [0, 1).
+
+    Returns:
+        float32 scalar.
+
+    """
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"asymmetric loss needs a target shaped like the logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    logits, target = logits.float(), target.float()
+    # p and 1 - p each from its own sigmoid, log p and log(1 - p) from logsigmoid: exact
+    # where p saturates to 0 or 1 (1 - sigmoid(x) would cancel to 0).
+    p, not_p = torch.sigmoid(logits), torch.sigmoid(-logits)
+    log_p = F.logsigmoid(logits)
+    if clip > 0:
+        # 1 - p_m = min(1 - p + m, 1) >= m: its log is finite without a floor.
+        p_m = (p - clip).clamp(min=0)
+        log_not_p_m = torch.log((not_p + clip).clamp(max=1.0))
+    else:
+        p_m, log_not_p_m = p, F.logsigmoid(-logits)
+    pos = log_p
+    if gamma_pos > 0:
+        pos = pos * not_p.clamp(min=_TINY) ** gamma_pos
+    neg = log_not_p_m
+    if gamma_neg > 0:
+        neg = neg * p_m.clamp(min=_TINY) ** gamma_neg
+    return -(target * pos + (1 - target) * neg).mean()
+
+
 def _dice_terms(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -590,7 +651,7 @@ def _cross_entropy(cfg: LossConfig, ctx: LossContext) -> Loss:
 
 @register_loss(
     "bce_with_logits",
-    tasks=("classification",),
+    tasks=("classification", "multilabel"),
     uses=("label_smoothing", "class_weights", "pos_weight"),
 )
 def _bce(cfg: LossConfig, ctx: LossContext) -> Loss:
@@ -619,7 +680,7 @@ def _bce(cfg: LossConfig, ctx: LossContext) -> Loss:
 
 @register_loss(
     "focal",
-    tasks=("classification", "segmentation"),
+    tasks=("classification", "multilabel", "segmentation"),
     uses=("focal_gamma", "focal_alpha", "class_weights"),
 )
 def _focal(cfg: LossConfig, ctx: LossContext) -> Loss:
@@ -660,7 +721,18 @@ def _focal(cfg: LossConfig, ctx: LossContext) -> Loss:
         "focal_alpha": _as_list(alpha) if isinstance(alpha, torch.Tensor) else alpha,
         "class_weights": _as_list(alpha) if cfg.class_weights != "none" else None,
     }
-    return Loss("focal", "softmax", fn, info=info)
+    return Loss("focal", "sigmoid" if multilabel else "softmax", fn, info=info)
+
+
+@register_loss("asl", tasks=("multilabel",), uses=("asl_gamma_neg", "asl_gamma_pos", "asl_clip"))
+def _asl(cfg: LossConfig, ctx: LossContext) -> Loss:
+    """The asymmetric loss of Ridnik et al. 2021 for multi-label targets."""
+    gamma_neg = 4.0 if cfg.asl_gamma_neg is None else cfg.asl_gamma_neg
+    gamma_pos = 0.0 if cfg.asl_gamma_pos is None else cfg.asl_gamma_pos
+    clip = 0.05 if cfg.asl_clip is None else cfg.asl_clip
+    fn = partial(asymmetric_loss, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
+    info = {"asl_gamma_neg": gamma_neg, "asl_gamma_pos": gamma_pos, "asl_clip": clip}
+    return Loss("asl", "sigmoid", fn, info=info)
 
 
 def _regression(name: str, fn: LossFn, raw_targets: bool = False, **info: Any) -> Loss:

@@ -11,6 +11,11 @@ Each image's ``file_name`` is looked up as ``root/<file_name>`` first and, when 
 does not exist, as ``root/images/<file_name>``; either way the resolved path (symlinks
 followed) must stay inside ``data.root``.
 
+For ``task=multilabel`` the same files give image-level labels: an image carries class c
+when any of its annotations has category c (crowd annotations and boxes dropped for their
+shape included: the object is there); an image without annotations carries none. The
+images are then fitted as for classification (shorter side, centre crop; 224 px default).
+
 Category ids may be sparse (1, 3, 7): they map to contiguous 0-based class indices in
 increasing id order. Crowd annotations are skipped; boxes with no width or height, or that
 lie entirely outside their image, are dropped; boxes partly outside are clipped. The counts
@@ -38,6 +43,7 @@ from visiontrain.data.sources import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
+    FileSplit,
     PreparedSplit,
     Split,
     SubsetSplit,
@@ -65,6 +71,8 @@ class CocoEntry:
     height: int
     boxes: np.ndarray  # float32 (K, 4) xyxy pixels
     labels: np.ndarray  # int64 (K,) 0-based class
+    # Every class any annotation of the image names (crowd and dropped boxes too), sorted.
+    present: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -276,6 +284,7 @@ def read_coco(json_path: Path, root: Path, class_ids: list[int] | None = None) -
     counts = CocoCounts()
     boxes: dict[int, list[list[float]]] = {i: [] for i in records}
     labels: dict[int, list[int]] = {i: [] for i in records}
+    present: dict[int, set[int]] = {i: set() for i in records}
     for n, ann in enumerate(annotations):
         ann_id = ann.get("id", f"#{n}") if isinstance(ann, Mapping) else f"#{n}"
         where = f"annotation {ann_id}"
@@ -294,6 +303,7 @@ def read_coco(json_path: Path, root: Path, class_ids: list[int] | None = None) -
                 f"a known category (ids {known}). Add it to 'categories' (of the train file) or "
                 "fix the annotation."
             )
+        present[image_id].add(index_of[category_id])
         if ann.get("iscrowd", 0):
             counts.crowd += 1
             continue
@@ -325,6 +335,7 @@ def read_coco(json_path: Path, root: Path, class_ids: list[int] | None = None) -
             height=height,
             boxes=np.asarray(boxes[image_id], np.float32).reshape(-1, 4),
             labels=np.asarray(labels[image_id], np.int64),
+            present=np.asarray(sorted(present[image_id]), np.int64),
         )
         for image_id, (path, width, height) in records.items()
     ]
@@ -341,9 +352,21 @@ def _check_categories(path: Path, own: dict[int, str], train: dict[int, str]) ->
             )
 
 
-@register_source("coco", uses=("root", "on_error", "augment", "val_split"), tasks=("detection",))
+def image_labels(entries: list[CocoEntry], num_classes: int) -> FileSplit:
+    """Image-level multi-label targets: class c where any annotation has category c."""
+    rows = np.zeros((len(entries), num_classes), np.float32)
+    for row, entry in zip(rows, entries, strict=True):
+        row[entry.present] = 1.0
+    return FileSplit([e.path for e in entries], rows, channels=3)
+
+
+@register_source(
+    "coco",
+    uses=("root", "on_error", "augment", "val_split"),
+    tasks=("detection", "multilabel"),
+)
 def build_coco(cfg: DataConfig, task: str) -> DataBundle:
-    """Build detection splits from COCO annotation files under ``data.root``."""
+    """Build detection (or multi-label) splits from COCO annotation files under ``data.root``."""
     if cfg.root is None:
         raise DataError(
             "data.name=coco needs data.root: a folder with annotations/instances_train.json "
@@ -362,17 +385,24 @@ def build_coco(cfg: DataConfig, task: str) -> DataBundle:
     parsed = read_coco(train_json, root)
     class_ids = sorted(parsed.categories)
     class_names = [parsed.categories[c] for c in class_ids]
-    notes = parsed.counts.notes(train_json)
-    train: Split = CocoSplit(parsed.entries)
+    multilabel = task == "multilabel"
+    # Box counts mean nothing to image-level labels.
+    notes = [] if multilabel else parsed.counts.notes(train_json)
 
-    def optional(split: str) -> CocoSplit | None:
+    def make(entries: list[CocoEntry]) -> Split:
+        return image_labels(entries, len(class_ids)) if multilabel else CocoSplit(entries)
+
+    train: Split = make(parsed.entries)
+
+    def optional(split: str) -> Split | None:
         path = ann_dir / SPLIT_FILES[split]
         if not path.is_file():
             return None
         other = read_coco(path, root, class_ids)
         _check_categories(path, other.categories, parsed.categories)
-        notes.extend(other.counts.notes(path))
-        return CocoSplit(other.entries)
+        if not multilabel:
+            notes.extend(other.counts.notes(path))
+        return make(other.entries)
 
     val: Split | None = optional("val")
     if val is None:
@@ -393,7 +423,7 @@ def build_coco(cfg: DataConfig, task: str) -> DataBundle:
         test=optional("test"),
         class_names=class_names,
         in_channels=3,
-        image_size=cfg.image_size or DEFAULT_IMAGE_SIZES["coco"],
+        image_size=cfg.image_size or DEFAULT_IMAGE_SIZES["imagefolder" if multilabel else "coco"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         same_size=False,

@@ -4,6 +4,10 @@ For ``task=regression`` the targets come from a ``labels.csv`` instead of class 
 ``root/train/labels.csv`` (and optionally ``val/``, ``test/``) or a single
 ``root/labels.csv``, each row ``filename,target[,target2...]`` with file names relative
 to the CSV's folder. A header row (first cell ``filename``) names the targets.
+
+For ``task=multilabel`` the same files hold label sets: each row ``filename,labels`` with
+the image's class names separated by spaces (``a.jpg,cat dog``; ``b.jpg,`` for an image
+with none). The classes are every name train's CSV uses, sorted.
 """
 
 from __future__ import annotations
@@ -129,20 +133,7 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
                 f"{path} line {line}: {len(row)} columns, expected {width + 1} "
                 f"(filename,{','.join(names)})."
             )
-        # realpath, not Path.resolve: on Python 3.11 resolve raises RuntimeError for a
-        # symlink loop, where realpath stops and leaves the loop to the check below.
-        file = Path(os.path.realpath(folder / row[0].strip()))
-        if not file.is_relative_to(folder):
-            raise DataError(
-                f"{path} line {line}: file name {row[0]!r} points outside {folder}. Use paths "
-                "relative to the CSV's folder, without '..' or absolute paths."
-            )
-        if not file.is_file():
-            problem = file_problem(file) or "not a regular file"
-            raise DataError(
-                f"{path} line {line}: image {file} cannot be used: {problem}. Fix the row or "
-                "the file."
-            )
+        file = _row_file(folder, row[0], path, line)
         try:
             vals = [float(c) for c in row[1:]]
         except ValueError:
@@ -154,6 +145,125 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     if not paths:
         raise DataError(f"{path} has a header but no rows.")
     return paths, np.asarray(values, dtype=np.float32), names
+
+
+def _row_file(folder: Path, name: str, path: Path, line: int) -> Path:
+    """The image a CSV row names, checked to exist inside the CSV's ``folder``."""
+    # realpath, not Path.resolve: on Python 3.11 resolve raises RuntimeError for a
+    # symlink loop, where realpath stops and leaves the loop to the check below.
+    file = Path(os.path.realpath(folder / name.strip()))
+    if not file.is_relative_to(folder):
+        raise DataError(
+            f"{path} line {line}: file name {name!r} points outside {folder}. Use paths "
+            "relative to the CSV's folder, without '..' or absolute paths."
+        )
+    if not file.is_file():
+        problem = file_problem(file) or "not a regular file"
+        raise DataError(
+            f"{path} line {line}: image {file} cannot be used: {problem}. Fix the row or the file."
+        )
+    return file
+
+
+# The header of a multi-label labels.csv, when it has one (the first cell names it).
+HEADER_CELLS = ("filename", "file", "path", "image")
+
+
+def read_label_sets_csv(
+    path: Path, classes: list[str] | None = None
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Read multi-label ``filename,labels`` rows (labels separated by spaces).
+
+    An optional header row starts with ``filename`` (or ``file``, ``path``, ``image``).
+    An empty labels cell is an image without labels. Every problem names the file and
+    line: a blank line, a row without its labels cell, a missing image, a label outside
+    ``classes``.
+
+    Args:
+        path: the CSV file.
+        classes: the class names (train's, for val and test); None for train, whose
+            classes are every label its rows use, sorted.
+
+    Returns:
+        The image paths, float32 0/1 label rows (N, classes) and the class names.
+    """
+    folder = Path(os.path.realpath(path.parent))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(enumerate(csv.reader(fh), 1))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    form = "filename,labels with the labels separated by spaces (a.jpg,cat dog)"
+    # Blank lines at the end are a trailing newline's doing; one between rows is a mistake.
+    while rows and not any(c.strip() for c in rows[-1][1]):
+        rows.pop()
+    if rows and rows[0][1] and rows[0][1][0].strip().lower() in HEADER_CELLS:
+        rows = rows[1:]
+    if not rows:
+        raise DataError(f"{path} has no rows; write one row per image: {form}.")
+    files: list[Path] = []
+    sets: list[list[str]] = []
+    for line, row in rows:
+        if not any(c.strip() for c in row):
+            raise DataError(
+                f"{path} line {line} is empty. Remove it, or write the image's row: {form}."
+            )
+        if len(row) != 2:
+            extra = " (write `a.jpg,` for an image without labels)" if len(row) == 1 else ""
+            raise DataError(
+                f"{path} line {line}: {len(row)} columns, expected 2: {form}{extra}. Quote a "
+                'file name that holds a comma ("a,b.jpg").'
+            )
+        if ";" in row[1]:
+            raise DataError(
+                f"{path} line {line}: labels {row[1]!r} hold ';'; separate labels with "
+                "spaces (a.jpg,cat dog)."
+            )
+        files.append(_row_file(folder, row[0], path, line))
+        sets.append(row[1].split())
+    names = classes if classes is not None else sorted({c for s in sets for c in s})
+    if not names:
+        raise DataError(f"{path}: no row has a label; give each image its labels: {form}.")
+    index = {c: i for i, c in enumerate(names)}
+    values = np.zeros((len(files), len(names)), np.float32)
+    for (line, _), labels, row_values in zip(rows, sets, values, strict=True):
+        unknown = [c for c in labels if c not in index]
+        if unknown:
+            raise DataError(
+                f"{path} line {line}: label {unknown[0]!r} is not a class of train's "
+                f"labels.csv ({', '.join(names)}). Fix the row, or add an image of it to train."
+            )
+        row_values[[index[c] for c in labels]] = 1.0
+    return files, values, names
+
+
+def _build_multilabel(cfg: DataConfig, root: Path) -> DataBundle:
+    """Multi-label splits from labels.csv files (per split folder, or one at the root)."""
+    per_split = (root / "train" / "labels.csv").is_file()
+    first = root / "train" / "labels.csv" if per_split else root / "labels.csv"
+    if not first.is_file():
+        raise DataError(
+            f"task=multilabel with data.name=imagefolder needs {root}/train/labels.csv (or "
+            f"{root}/labels.csv): rows of filename,labels with the labels separated by spaces."
+        )
+    paths, values, names = read_label_sets_csv(first)
+    train: Split = FileSplit(paths, values, channels=3)
+    notes = []
+    val_csv, test_csv = root / "val" / "labels.csv", root / "test" / "labels.csv"
+    if per_split and val_csv.is_file():
+        val: Split = FileSplit(*read_label_sets_csv(val_csv, names)[:2], channels=3)
+    else:
+        order = np.random.default_rng(cfg.split_seed).permutation(len(train))
+        n_val = min(max(round(len(train) * cfg.val_split), 1), len(train) - 1)
+        val = SubsetSplit(train, np.sort(order[:n_val]))
+        train = SubsetSplit(train, np.sort(order[n_val:]))
+        notes.append(f"no val/labels.csv: held out {n_val} training images (data.val_split)")
+    test = (
+        FileSplit(*read_label_sets_csv(test_csv, names)[:2], channels=3)
+        if per_split and test_csv.is_file()
+        else None
+    )
+    return _bundle(cfg, train, val, test, notes, class_names=names)
 
 
 def _build_regression(cfg: DataConfig, root: Path) -> DataBundle:
@@ -220,7 +330,7 @@ def _csv_split(path: Path, names: list[str]) -> FileSplit:
 @register_source(
     "imagefolder",
     uses=("root", "val_split", "on_error", "augment"),
-    tasks=("classification", "regression"),
+    tasks=("classification", "multilabel", "regression"),
 )
 def build_imagefolder(cfg: DataConfig, task: str) -> DataBundle:
     """Build splits from a folder tree; val is split off train when root/val is absent."""
@@ -232,6 +342,8 @@ def build_imagefolder(cfg: DataConfig, task: str) -> DataBundle:
     root = Path(cfg.root).expanduser()
     if task == "regression":
         return _build_regression(cfg, root)
+    if task == "multilabel":
+        return _build_multilabel(cfg, root)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(

@@ -9,6 +9,12 @@ settings always give the same arrays; they are generated once and cached on disk
 For ``task=regression`` the same generator asks "how big is the damage": a defective
 image carries one to three defects, and each image's targets are the damaged area in
 percent of the image and the number of defects.
+
+For ``task=multilabel`` (``data.defect_classes=multilabel``) a defective image likewise
+carries one to three defects, each of a random type, and its label set is the types it
+shows: ``{scratch, crack}`` for a scratch and a crack, ``{spot}`` for two spots; an ``ok``
+image has no label. The images are those of the regression data (the same random stream);
+only the labels differ.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ DEFECT_TYPES = ("scratch", "spot", "crack")
 DEFAULTS = {"train": 2000, "val": 600, "test": 600, "rate": 0.05}
 # Regression wants damage on many images, of varied size and number.
 REGRESSION_DEFAULTS = {"rate": 0.5, "max_defects": 3}
+# Multi-label: as many defective images, each with one to three defects of random types.
+MULTILABEL_DEFAULTS = {"rate": 0.5, "max_defects": 3}
 REGRESSION_TARGETS = ["area_pct", "count"]
 # A pixel belongs to the damaged area where the soft defect mask reaches half strength.
 AREA_LEVEL = 0.5
@@ -105,7 +113,13 @@ def _defect(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
 
 
 def generate_defects(
-    n: int, size: int, rate: float, seed: int, types: bool, max_defects: int = 1
+    n: int,
+    size: int,
+    rate: float,
+    seed: int,
+    types: bool,
+    max_defects: int = 1,
+    multilabel: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate ``n`` grey images (N,H,W,1 uint8), class labels and damage targets.
 
@@ -118,6 +132,9 @@ def generate_defects(
             with several defects the label is the first one's type.
         max_defects: a defective image carries 1..max_defects defects. With 1 the random
             stream is exactly that of the classification data.
+        multilabel: the label is the set of types present, as a bit mask (bit k set for
+            ``DEFECT_TYPES[k]``; :func:`label_rows` turns it into 0/1 rows). The random
+            stream is unchanged.
 
     Returns:
         The images, the integer labels (0 = ok) and float32 targets (N, 2): damaged area
@@ -142,11 +159,19 @@ def generate_defects(
                 contrast = rng.uniform(25, 70) * (1 if rng.random() < 0.25 else -1)
                 img = img + contrast * mask
                 damaged |= mask >= AREA_LEVEL
-                if j == 0:
+                if multilabel:
+                    labels[i] |= 1 << k
+                elif j == 0:
                     labels[i] = k + 1 if types else 1
             targets[i] = (100.0 * damaged.mean(), count)
         images[i, :, :, 0] = np.clip(img, 0, 255).astype(np.uint8)
     return images, labels, targets
+
+
+def label_rows(masks: np.ndarray) -> np.ndarray:
+    """Multi-label bit masks (N,) as float32 0/1 rows (N, len(DEFECT_TYPES))."""
+    bits = 1 << np.arange(len(DEFECT_TYPES))
+    return ((masks[:, None] & bits) > 0).astype(np.float32)
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -186,20 +211,34 @@ def _cached(path: Path, make: Callable[[], Arrays], shape: tuple[int, ...]) -> A
     "defects",
     uses=("defect_rate", "defect_classes", "cache_dir", "augment"),
     generates=True,
-    tasks=("classification", "regression"),
+    tasks=("classification", "multilabel", "regression"),
 )
 def build_defects(cfg: DataConfig, task: str) -> DataBundle:
     """Build the embedded defects dataset (generated once, cached)."""
     regression = task == "regression"
+    multilabel = task == "multilabel"
     if regression and cfg.defect_classes is not None:
         raise ConfigError(
             "data.defect_classes labels classes; task=regression predicts the damaged area "
             "and the defect count instead. Remove data.defect_classes."
         )
+    if multilabel and cfg.defect_classes not in (None, "multilabel"):
+        raise ConfigError(
+            f"data.defect_classes={cfg.defect_classes} gives one label per image; task="
+            "multilabel labels each image with the set of defect types it shows. Set "
+            "data.defect_classes=multilabel (or leave it unset)."
+        )
+    if cfg.defect_classes == "multilabel" and not multilabel:
+        raise ConfigError(
+            f"data.defect_classes=multilabel gives each image a set of labels; task={task} "
+            "takes one class per image. Set task=multilabel, or data.defect_classes=binary "
+            "or types."
+        )
     size = cfg.image_size or DEFAULT_IMAGE_SIZES["defects"]
-    default_rate = REGRESSION_DEFAULTS["rate"] if regression else DEFAULTS["rate"]
+    many = REGRESSION_DEFAULTS if regression else MULTILABEL_DEFAULTS if multilabel else None
+    default_rate = many["rate"] if many else DEFAULTS["rate"]
     rate = cfg.defect_rate if cfg.defect_rate is not None else default_rate
-    max_defects = REGRESSION_DEFAULTS["max_defects"] if regression else 1
+    max_defects = many["max_defects"] if many else 1
     types = (cfg.defect_classes or "binary") == "types"
     sizes = {
         "train": cfg.train_size or DEFAULTS["train"],
@@ -210,15 +249,22 @@ def build_defects(cfg: DataConfig, task: str) -> DataBundle:
     splits = {}
     for offset, (split, n) in enumerate(sizes.items()):
         seed = cfg.split_seed * 1000 + offset
-        key = cache_key(GENERATOR_VERSION, n, size, rate, seed, types, max_defects)
+        # The label mode in the key: "multilabel" keys its own files (bit-mask labels).
+        mode = "multilabel" if multilabel else types
+        key = cache_key(GENERATOR_VERSION, n, size, rate, seed, mode, max_defects)
         path = root / f"{split}-{key}.npz"
         images, labels, targets = _cached(
             path,
-            lambda n=n, seed=seed: generate_defects(n, size, rate, seed, types, max_defects),
+            lambda n=n, seed=seed: generate_defects(
+                n, size, rate, seed, types, max_defects, multilabel=multilabel
+            ),
             (n, size, size, 1),
         )
-        splits[split] = ArraySplit(images, targets if regression else labels, f"defects/{split}")
-    names = ["ok", *DEFECT_TYPES] if types else ["ok", "defect"]
+        y = targets if regression else label_rows(labels) if multilabel else labels
+        splits[split] = ArraySplit(images, y, f"defects/{split}")
+    names = (
+        list(DEFECT_TYPES) if multilabel else ["ok", *DEFECT_TYPES] if types else ["ok", "defect"]
+    )
     mean, std = channel_stats(splits["train"].images.permute(0, 2, 3, 1).numpy())
     return DataBundle(
         train=splits["train"],

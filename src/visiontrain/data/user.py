@@ -4,7 +4,8 @@
 
 * image: a uint8 tensor (CHW or HWC), a uint8 numpy array (HWC or HW) or a PIL image —
   kept as uint8 until the device, where the run normalises it;
-* target, by task: a class index (classification); a float vector (regression); a dict
+* target, by task: a class index (classification); a 0/1 vector with one value per class
+  (multilabel); a float vector (regression); a dict
   with ``boxes`` (K, 4) x1 y1 x2 y2 pixels and ``labels`` (K,) 0-based classes
   (detection); an (H, W) integer mask of class indices, 255 = ignore (segmentation).
 
@@ -35,7 +36,7 @@ from visiontrain.data.sources import (
 )
 from visiontrain.errors import ConfigError, DataError
 
-TASKS = ("classification", "regression", "detection", "segmentation")
+TASKS = ("classification", "multilabel", "regression", "detection", "segmentation")
 # The name runs, checkpoints and config.yaml record for data that came from Python.
 SOURCE_NAME = "datasets"
 
@@ -98,6 +99,20 @@ def check_target(target: Any, task: str, num_classes: int, num_targets: int, whe
                 f"({num_classes} names given)."
             )
         return int(target)
+    if task == "multilabel":
+        try:
+            row = np.asarray(
+                target.detach().cpu() if isinstance(target, torch.Tensor) else target,
+                dtype=np.float32,
+            ).reshape(-1)
+        except (TypeError, ValueError):
+            row = np.zeros(0, np.float32)
+        if len(row) != num_classes or not ((row >= 0) & (row <= 1)).all():
+            raise DataError(
+                f"{where} yields multi-label target {target!r}; give one value in [0, 1] per "
+                f"class ({num_classes}: 1 where the image carries the label, else 0)."
+            )
+        return row
     if task == "regression":
         values = np.asarray(
             target.detach().cpu() if isinstance(target, torch.Tensor) else target,
@@ -231,7 +246,7 @@ class DatasetSource:
                     raise DataError(f"the {split.name} Dataset is empty.")
                 hw = split.load(0)[0].shape[-2:]
                 self._first_sizes.append((int(hw[0]), int(hw[1])))
-        if task in ("classification", "regression"):
+        if task in ("classification", "multilabel", "regression"):
             self.train.labels = _labels_of(train, task, self.train)
 
     def build(self, cfg: DataConfig, task: str) -> DataBundle:
@@ -305,9 +320,11 @@ def from_datasets(
         train: The training Dataset; ``(image, target)`` per index (module docstring).
         val: The validation Dataset (required to train: it picks the best checkpoint).
         test: An optional test Dataset, evaluated with the best weights at the end.
-        classes: Class names, index order (classification, detection, segmentation).
+        classes: Class names, index order (classification, multilabel, detection,
+            segmentation).
         targets: Target names (regression), one per value of a target vector.
-        task: ``classification``, ``regression``, ``detection`` or ``segmentation``.
+        task: ``classification``, ``multilabel`` (a target is a 0/1 row, one value per
+            class), ``regression``, ``detection`` or ``segmentation``.
         image_size: The working size; default the first training image's longer side
             (``data.image_size`` in the config wins).
         mean: Per-channel normalisation mean in 0..1 (default ImageNet's for 3 channels,
@@ -355,7 +372,8 @@ def from_datasets(
 
 def _channels(image: Any) -> int:
     """The channel count of a first image: 3 for RGB, 1 for grey (PIL, numpy, tensor)."""
-    if hasattr(image, "mode"):
+    # A PIL image (a tensor has a `mode` too: torch.Tensor.mode, the statistic).
+    if hasattr(image, "mode") and hasattr(image, "convert"):
         return 1 if image.mode in ("L", "1", "I", "F") else 3
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 2:

@@ -513,6 +513,14 @@ def describe(
             if loaded.task_state.get("temperature", 1.0) != 1.0
             else ""
         ),
+        "multilabel": "output: float32 [N, classes] logits; class c is present when "
+        "sigmoid(logit_c) >= task_state.thresholds[c]"
+        + (
+            f" (calibrated: already divided by the run's temperature "
+            f"{loaded.task_state['temperature']:.6g})"
+            if loaded.task_state.get("temperature", 1.0) != 1.0
+            else ""
+        ),
         "regression": "output: float32 [N, targets] values in the targets' own units "
         "(de-standardised inside)",
         "segmentation": f"output: float32 [N, classes, {size}, {size}] logits per pixel of the "

@@ -72,8 +72,9 @@ LATENCY_BATCHES = (1, 32)
 class ExportModule(nn.Module):
     """What is exported: uint8 NCHW images in, the task's outputs out.
 
-    Classification: logits. Regression: values in the targets' own units. Segmentation:
-    logits per pixel at the working size. Detection has its own: :class:`DetectionNetwork`.
+    Classification and multilabel: logits. Regression: values in the targets' own units.
+    Segmentation: logits per pixel at the working size. Detection has its own:
+    :class:`DetectionNetwork`.
     """
 
     def __init__(self, loaded: Loaded) -> None:
@@ -95,7 +96,7 @@ class ExportModule(nn.Module):
         out = self.model(self.normalizer(images)).float()
         if self.task == "regression":
             out = out * self.target_std + self.target_mean
-        elif self.task == "classification" and self.temperature != 1.0:
+        elif self.task in ("classification", "multilabel") and self.temperature != 1.0:
             out = out / self.temperature
         return out
 

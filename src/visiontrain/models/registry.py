@@ -34,7 +34,7 @@ SIZED_TASKS = frozenset({"detection", "segmentation"})
 
 
 def register_model(
-    name: str, tasks: tuple[str, ...] = ("classification", "regression")
+    name: str, tasks: tuple[str, ...] = ("classification", "multilabel", "regression")
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register a builder ``fn(num_classes, in_chans, **options) -> nn.Module``.
 

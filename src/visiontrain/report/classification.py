@@ -175,8 +175,13 @@ def worst_plot(ctx: ReportContext) -> Plot | None:
     )
 
 
-def reliability_plot(ctx: ReportContext) -> Plot | None:
-    """Accuracy against confidence per bin (val): a calibrated model lies on the diagonal."""
+def reliability_plot(ctx: ReportContext, unit: str = "images") -> Plot | None:
+    """Accuracy against confidence per bin (val): a calibrated model lies on the diagonal.
+
+    Args:
+        ctx: The report's run.
+        unit: What was binned (``images``; multilabel: ``(image, class) pairs``).
+    """
     table = ctx.val.get("reliability")
     if not isinstance(table, dict) or not any(table.get("count") or []):
         return None
@@ -205,15 +210,15 @@ def reliability_plot(ctx: ReportContext) -> Plot | None:
     ax.set_title(title, fontsize=10)
     axes[0, 1].bar(centres, count, width=1.0 / bins, edgecolor="black")
     axes[0, 1].set_xlabel("confidence of the predicted class")
-    axes[0, 1].set_ylabel("images")
-    axes[0, 1].set_title("images per bin", fontsize=10)
+    axes[0, 1].set_ylabel(unit)
+    axes[0, 1].set_title(f"{unit} per bin", fontsize=10)
     return render(
         fig,
         "reliability",
         "Reliability diagram (val)",
-        f"The val images in {bins} bins of the predicted class's probability: bars are the "
+        f"The val {unit} in {bins} bins of the predicted class's probability: bars are the "
         "accuracy in each bin, dots the mean confidence; a calibrated model has them on the "
-        "diagonal. ECE is the gap averaged over images."
+        f"diagonal. ECE is the gap averaged over {unit}."
         + (" After temperature scaling (train.calibrate)." if cal else ""),
     )
 

@@ -69,6 +69,7 @@ def task_plots(ctx: ReportContext) -> list[Plot]:
     from visiontrain.report import (  # noqa: F401  (they register themselves)
         classification,
         detection,
+        multilabel,
         regression,
         segmentation,
     )

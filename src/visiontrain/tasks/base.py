@@ -148,6 +148,7 @@ def task_class(name: str) -> TaskFactory:
     from visiontrain.tasks import (  # noqa: F401  (they register themselves)
         classification,
         detection,
+        multilabel,
         regression,
         segmentation,
     )

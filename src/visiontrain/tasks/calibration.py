@@ -83,10 +83,13 @@ class CalibrationStats:
 
 
 def nll(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
-    """The negative log-likelihood the model's probabilities give the truth, per sample mean."""
+    """The negative log-likelihood the model's probabilities give the truth, per sample mean.
+
+    A float ``target`` of the logits' shape is a multi-label 0/1 row per sample (sigmoid).
+    """
     if activation == "sigmoid":
-        truth = F.one_hot(target, logits.shape[1]).float()
-        return F.binary_cross_entropy_with_logits(logits, truth)
+        truth = target.float() if target.is_floating_point() else F.one_hot(target, logits.shape[1])
+        return F.binary_cross_entropy_with_logits(logits, truth.float())
     return F.cross_entropy(logits, target)
 
 
@@ -97,8 +100,8 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str)
 
     Args:
         logits: float (N, C) validation logits of the best weights.
-        target: int64 class indices (N,).
-        activation: ``softmax`` or ``sigmoid`` (one-vs-rest losses).
+        target: int64 class indices (N,), or float multi-label 0/1 rows (N, C).
+        activation: ``softmax`` or ``sigmoid`` (one-vs-rest and multi-label losses).
     """
     logits, target = logits.detach().float().cpu(), target.detach().cpu()
     log_t = torch.zeros((), requires_grad=True)

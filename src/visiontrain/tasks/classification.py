@@ -23,7 +23,7 @@ from visiontrain.config import Config
 from visiontrain.data.sources import DataBundle
 from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError
-from visiontrain.losses import LossContext, build_loss
+from visiontrain.losses import Loss, LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.calibration import CalibrationStats, fit_temperature, nll
 from visiontrain.tasks.thresholds import average_precision, choose_threshold, pr_curve
@@ -51,6 +51,18 @@ def decide(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
     if threshold is not None and probs.shape[1] == 2:
         return (probs[:, 1] >= threshold).long()
     return probs.argmax(dim=1)
+
+
+def describe_loss(loss: Loss, names: list[str]) -> list[str]:
+    """Lines naming the loss options in force, per class where they are per class."""
+    lines = []
+    for key, values in loss.info.items():
+        if isinstance(values, list) and len(values) == len(names):
+            pairs = ", ".join(f"{c} {v:.4g}" for c, v in zip(names, values, strict=True))
+            lines.append(f"loss {loss.name}: {key} {pairs}")
+        elif values not in (None, 0, 0.0):  # unset options are not "in force"
+            lines.append(f"loss {loss.name}: {key} {values}")
+    return lines
 
 
 @register_task("classification")
@@ -266,14 +278,7 @@ class ClassificationTask(Task):
     def describe(self) -> list[str]:  # noqa: D102
         names = self.bundle.class_names
         counts = ", ".join(f"{c} {int(n)}" for c, n in zip(names, self.class_counts, strict=True))
-        lines = [f"train class counts: {counts}"]
-        info = self.loss_fn.info
-        for key, values in info.items():
-            if isinstance(values, list) and len(values) == len(names):
-                pairs = ", ".join(f"{c} {v:.4g}" for c, v in zip(names, values, strict=True))
-                lines.append(f"loss {self.loss_fn.name}: {key} {pairs}")
-            elif values not in (None, 0, 0.0):  # unset options are not "in force"
-                lines.append(f"loss {self.loss_fn.name}: {key} {values}")
+        lines = [f"train class counts: {counts}", *describe_loss(self.loss_fn, names)]
         sampler = self.sampler_info()
         if sampler["name"] == "weighted":
             per = ", ".join(
