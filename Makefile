@@ -17,7 +17,7 @@ install: $(STAMP)
 	@echo "installed: run .venv/bin/visiontrain, or 'source .venv/bin/activate' and then visiontrain"
 
 demo: $(STAMP)
-	$(BIN)/visiontrain train configs/defects.yaml
+	scripts/demo.sh
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+BASELINE = Path(__file__).parents[1] / "configs" / "defects_baseline.yaml"
 VARIANTS: dict[str, list[str]] = {
     "cross_entropy": [],
     "focal": ["loss.name=focal"],
@@ -71,6 +72,8 @@ def run_variant(name: str, seed: int, out: Path, quick: bool) -> dict[str, float
         "-m",
         "visiontrain",
         "train",
+        # Every variant changes the plain baseline (threshold fixed at 0.5) by its keys.
+        str(BASELINE),
         *(QUICK if quick else []),
         *VARIANTS[name],
         f"train.seed={seed}",

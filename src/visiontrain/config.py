@@ -274,7 +274,9 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     sync_bn: bool = False
     monitor: str | None = None
-    threshold: float | str = 0.5
+    # `auto`: chosen on val after training (best_f1) where a task has decision thresholds
+    # (binary classification, multilabel per class), the remedy for a rare class.
+    threshold: float | str = "auto"
     # Fit one temperature on val after training (classification): calibrated probabilities.
     calibrate: Literal["none", "temperature"] = "none"
     monitor_mode: Literal["auto", "min", "max"] = "auto"
@@ -294,10 +296,11 @@ class TrainConfig(_Section):
             if not 0.0 < value < 1.0:
                 raise ValueError("a fixed threshold lies strictly between 0 and 1")
             return float(value)
-        if value == "best_f1" or THRESHOLD_TARGET.fullmatch(str(value)):
+        if value in ("auto", "best_f1") or THRESHOLD_TARGET.fullmatch(str(value)):
             return value
         raise ValueError(
-            "use a number in (0, 1), best_f1, or a target such as recall>=0.9 or precision>=0.95"
+            "use auto, a number in (0, 1), best_f1, or a target such as recall>=0.9 or "
+            "precision>=0.95"
         )
 
     @field_validator("precision", mode="before")

@@ -111,7 +111,7 @@ def check_augment_on(augment_on: str, augment: str, task: str) -> None:
     """Refuse device augmentation where it would do nothing or cannot follow the targets."""
     if augment_on != "device":
         return
-    if task not in ("classification", "regression"):
+    if task not in ("classification", "multilabel", "regression"):
         raise ConfigError(
             f"data.augment_on=device augments images only; task {task} must move its boxes "
             "or masks with them, which the loader's transforms do. Use data.augment_on=loader."

@@ -225,9 +225,14 @@ def sample_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def check_sampler(cfg: DataConfig, task: str) -> None:
     """Refuse sampler options that the task or the sampler cannot honour."""
     if cfg.sampler == "weighted" and task != "classification":
+        why = (
+            "an image of task multilabel carries a set of labels, not one class to weigh"
+            if task == "multilabel"
+            else f"task {task} has no classes"
+        )
         raise ConfigError(
-            f"data.sampler=weighted draws by class frequency; task {task} has no classes. "
-            "Use data.sampler=random."
+            f"data.sampler=weighted draws by class frequency; {why}. Use data.sampler=random"
+            + (" and loss.pos_weight=balanced for rare labels." if task == "multilabel" else ".")
         )
     if cfg.epoch_samples is not None and cfg.sampler != "weighted":
         raise ConfigError(

@@ -26,7 +26,12 @@ from visiontrain.errors import ConfigError
 from visiontrain.losses import Loss, LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.calibration import CalibrationStats, fit_temperature, nll
-from visiontrain.tasks.thresholds import average_precision, choose_threshold, pr_curve
+from visiontrain.tasks.thresholds import (
+    average_precision,
+    choose_threshold,
+    fixed_or_auto,
+    pr_curve,
+)
 
 # At most this many points of the PR curve go into summary.json.
 PR_POINTS = 200
@@ -93,7 +98,7 @@ class ClassificationTask(Task):
         # Binary: the PR curve and the threshold come from val with the best weights.
         self.calibrates = self.binary or self.fits_temperature
         rule = cfg.train.threshold
-        if not self.binary and rule != 0.5:
+        if not self.binary and not fixed_or_auto(rule):
             raise ConfigError(
                 f"train.threshold applies to binary classification; this data has {n} "
                 "classes, where the prediction is the most probable class. Remove "
@@ -289,6 +294,7 @@ class ClassificationTask(Task):
                 f"replacement; class draw probability {per}"
             )
         if self.binary and self.cfg.train.threshold != 0.5:
+            # auto: best_f1 on val (the default; configs/defects_baseline.yaml fixes 0.5)
             lines.append(f"threshold: {self.cfg.train.threshold}, chosen on val after training")
         return lines
 

@@ -20,6 +20,7 @@ from visiontrain.engine.distributed import Dist
 from visiontrain.errors import CheckpointError, ConfigError
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.metrics import DetectionMetrics
+from visiontrain.tasks.thresholds import fixed_or_auto
 
 Detections = list[dict[str, torch.Tensor]]
 
@@ -79,7 +80,7 @@ class DetectionTask(Task):
                 "loss.class_weights and loss.label_smoothing do not apply to a detector's "
                 "losses; remove them."
             )
-        if cfg.train.threshold != 0.5:
+        if not fixed_or_auto(cfg.train.threshold):
             raise ConfigError(
                 "train.threshold applies to binary classification; for detection use "
                 "`visiontrain predict --score-threshold`."

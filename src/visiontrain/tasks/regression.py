@@ -18,6 +18,7 @@ from visiontrain.engine.distributed import Dist
 from visiontrain.errors import ConfigError, DataError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
+from visiontrain.tasks.thresholds import fixed_or_auto
 
 METRICS = ("mae", "rmse", "r2")
 
@@ -45,7 +46,7 @@ class RegressionTask(Task):
             raise ConfigError(
                 f"task=regression needs data with numeric targets; {cfg.data.name} gives classes."
             )
-        if cfg.train.threshold != 0.5:
+        if not fixed_or_auto(cfg.train.threshold):
             raise ConfigError(
                 "train.threshold applies to binary classification; task=regression predicts "
                 "values. Remove train.threshold."

@@ -18,6 +18,7 @@ from visiontrain.errors import ConfigError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.metrics import SegmentationMetrics
+from visiontrain.tasks.thresholds import fixed_or_auto
 
 IGNORE = 255
 
@@ -62,7 +63,7 @@ class SegmentationTask(Task):
 
     def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
         super().__init__(cfg, bundle, device)
-        if cfg.train.threshold != 0.5:
+        if not fixed_or_auto(cfg.train.threshold):
             raise ConfigError(
                 "train.threshold applies to binary classification; segmentation predicts "
                 "the most probable class per pixel. Remove train.threshold."

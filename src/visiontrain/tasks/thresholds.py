@@ -69,6 +69,15 @@ def _f1(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-12), torch.zeros_like(p))
 
 
+# `train.threshold=auto` (the default): best_f1 where the task has thresholds to choose.
+AUTO = "auto"
+
+
+def fixed_or_auto(rule: float | str) -> bool:
+    """Whether ``train.threshold`` asks for nothing a task without thresholds would ignore."""
+    return rule in (0.5, AUTO)
+
+
 def choose_threshold(
     scores: torch.Tensor, targets: torch.Tensor, rule: float | str
 ) -> ThresholdChoice:
@@ -83,6 +92,8 @@ def choose_threshold(
         The threshold with the val precision, recall and F1 it gives.
     """
     scores, targets = scores.detach().float().cpu(), targets.detach().long().cpu()
+    if rule == AUTO:
+        rule = "best_f1"
     if isinstance(rule, float):
         return _at(scores, targets, rule, "fixed", None)
     if int(targets.sum()) == 0 or int(targets.sum()) == len(targets):
