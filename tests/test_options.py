@@ -87,7 +87,8 @@ def test_early_stopping_stops_and_restores_best(cli, tmp_path):
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["stopped_early"] is True
     assert summary["epochs_run"] == 3  # epoch 1 sets the bar, 2 and 3 fail to beat it by 1.0
-    val = [r["loss"] for r in _train_records(res.run_dir) if r["split"] == "val"]
+    records = _train_records(res.run_dir)
+    val = [r["loss"] for r in records if r["split"] == "val" and r.get("kind") == "eval"]
     assert len(val) == 3
     assert summary["best_epoch"] == val.index(min(val)) + 1  # 1-based
     assert summary["metrics"]["val"]["loss"] == pytest.approx(min(val))

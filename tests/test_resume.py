@@ -26,6 +26,10 @@ def _metrics(run_dir):
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
+        if r.get("kind") == "calibrated":
+            # The threshold tuned on val when a run finishes (train.threshold=auto): a run
+            # stopped after 2 epochs and resumed to 4 tuned one more time than a 4-epoch run.
+            continue
         out.append(
             {
                 k: r.get(k)

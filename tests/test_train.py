@@ -57,7 +57,9 @@ def test_metrics_records_carry_step_epoch_split_and_hparams(tiny_run):
     assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= r.keys() for r in train)
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train)
     val = [r for r in records if r["split"] == "val"]
-    assert [r["epoch"] for r in val] == [1, 2]  # epochs count from 1 everywhere
+    assert [r["epoch"] for r in val if r["kind"] == "eval"] == [1, 2]  # counted from 1
+    # train.threshold=auto: the tuned threshold's val metrics come last, as `calibrated`.
+    assert [r["kind"] for r in val][-1] == "calibrated"
     assert all({"loss", "accuracy", "macro_f1", "per_class"} <= r.keys() for r in val)
 
 
@@ -65,14 +67,18 @@ def test_summary_matches_scikit_learn_on_the_same_predictions(tiny_run):
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     summary = json.loads((tiny_run / "summary.json").read_text())
+    test = summary["metrics"]["test"]
     loaded = load_trained(tiny_run)  # best.pt
     cfg = build_config(overrides=TINY)
     bundle = build_data(cfg.data)
     x = loaded.normalizer(bundle.test.images)
     with torch.inference_mode():
-        pred = loaded.model(x).argmax(1).numpy()
+        probs = torch.softmax(loaded.model(x), dim=1)
+    # The decision uses the threshold chosen on val (train.threshold=auto, best F1).
+    threshold = summary["threshold"]["threshold"]
+    assert test["threshold"] == threshold and summary["threshold"]["rule"] == "best_f1"
+    pred = (probs[:, 1] >= threshold).long().numpy()
     y = bundle.test.labels
-    test = summary["metrics"]["test"]
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
     for i, name in enumerate(["ok", "defect"]):
         row = test["per_class"][name]

@@ -194,6 +194,15 @@ class LoaderFaultError(RunError):
 def worker_fault(exc: Exception, timeout: float) -> LoaderFaultError | None:
     """The loader's own messages for a dead or stuck worker, as one clear error."""
     text = str(exc)
+    if isinstance(exc, ConnectionResetError | EOFError):
+        # A worker killed while the main process reads its batch: the shared-memory
+        # handover (a socket to the worker) is reset before the loader notices the death.
+        return LoaderFaultError(
+            f"a data loader worker died while handing over a batch ({type(exc).__name__}: "
+            f"{text or 'connection closed'}). The usual cause is the out-of-memory killer: "
+            "lower data.num_workers, data.batch_size or data.prefetch_factor, or enlarge "
+            "/dev/shm in a container (docker --shm-size, a memory emptyDir)."
+        )
     if not isinstance(exc, RuntimeError):
         return None
     if "timed out" in text:

@@ -169,7 +169,7 @@ class Trainer:
             return self._fit()
         except LoaderFaultError as exc:
             raise RunError(f"{exc} {self._save_after_fault()}") from None
-        except RuntimeError as exc:
+        except (RuntimeError, ConnectionResetError, EOFError) as exc:
             # A worker's death is reported by a SIGCHLD handler, which raises wherever the
             # main thread is — possibly inside an optimizer step — so nothing is saved.
             fault = worker_fault(exc, self.cfg.data.timeout)
