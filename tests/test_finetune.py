@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import save_file
+from visiontrain.engine.weights import read_weights
 
 from conftest import TINY, run_subprocess
 from test_distributed import ddp_train
@@ -21,7 +22,7 @@ from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.errors import ConfigError
 from visiontrain.models import create_model
-from visiontrain.models.weights import load_backbone_weights, load_weights, read_weights
+from visiontrain.models.weights import load_backbone_weights, load_weights
 
 # Four classes (ok, scratch, spot, crack) from a two-class source: the head must change.
 TYPES = ["data.defect_classes=types", "data.defect_rate=0.4"]

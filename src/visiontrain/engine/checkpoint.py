@@ -83,31 +83,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} does not exist. Pass the path of a `.pt` file under a run's "
             "checkpoints/ folder, or run.resume=auto with the run's run.name."
         )
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if head and head[:2] != b"PK" and head[:1] != b"\x80":
-        # torch.save writes a zip archive (a legacy one a pickle); anything else (an image,
-        # a text file) would otherwise reach the unpickler and read as an unsafe checkpoint.
-        raise CheckpointError(
-            f"{path} is not a checkpoint: it is neither a PyTorch zip archive nor a pickle "
-            "(another kind of file?). Pass a .pt file from a run's checkpoints/ folder."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it holds objects that a safe load may not "
-            f"create ({_first_line(exc)}). Only checkpoints written by visiontrain load; "
-            "never load a checkpoint from an untrusted source with weights_only=False."
-        ) from None
-    except (
-        RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError
-    ) as exc:  # fmt: skip
-        # A truncated file fails inside the unpickler with any of these.
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch file ({_first_line(exc)}). "
-            "Resume from another checkpoint (checkpoints/ keeps the last few) or start anew."
-        ) from None
+    state = read_torch_file(
+        path,
+        f"checkpoint {path}",
+        not_torch=f"{path} is not a checkpoint: it is neither a PyTorch zip archive nor a "
+        "pickle (another kind of file?). Pass a .pt file from a run's checkpoints/ folder.",
+        refused_fix="Only checkpoints written by visiontrain load; never load a checkpoint "
+        "from an untrusted source with weights_only=False.",
+        truncated_fix="Resume from another checkpoint (checkpoints/ keeps the last few) or "
+        "start anew.",
+    )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a PyTorch file but not a visiontrain checkpoint (no "
@@ -134,6 +119,43 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "after it was written. Use another checkpoint (checkpoints/ keeps the last few)."
         )
     return state
+
+
+def read_torch_file(
+    path: Path, what: str, not_torch: str, refused_fix: str, truncated_fix: str
+) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``; every failure a :class:`CheckpointError`.
+
+    Nothing that a safe load may not create is ever built: a pickle that would run code is
+    refused, not run. Shared by checkpoints and by initial weights (``model.weights``).
+
+    Args:
+        path: The file.
+        what: How messages name it (``checkpoint runs/x/last.pt``).
+        not_torch: The whole message for a file that is not PyTorch's at all.
+        refused_fix: What to do about a refused (unsafe) file.
+        truncated_fix: What to do about a truncated or damaged file.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head and head[:2] != b"PK" and head[:1] != b"\x80":
+        # torch.save writes a zip archive (a legacy one a pickle); anything else (an image,
+        # a text file) would otherwise reach the unpickler and read as an unsafe file.
+        raise CheckpointError(not_torch)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{what} was refused: it holds objects that a safe load may not create "
+            f"({_first_line(exc)}), so it was not unpickled. {refused_fix}"
+        ) from None
+    except (
+        RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError
+    ) as exc:  # fmt: skip
+        # A truncated file fails inside the unpickler with any of these.
+        raise CheckpointError(
+            f"{what} is truncated or not a PyTorch file ({_first_line(exc)}). {truncated_fix}"
+        ) from None
 
 
 def eval_weights(state: dict[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from visiontrain.engine.freeze import FreezePhase, freeze_prefixes
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.step import BatchPrep, Step
+from visiontrain.engine.weights import start_weights
 from visiontrain.engine.wrap import convert_sync_bn, enable_activation_checkpointing
 from visiontrain.errors import ConfigError, did_you_mean
-from visiontrain.models.build import build_model, start_weights
+from visiontrain.models.build import build_model
 from visiontrain.models.heads import find_head
 from visiontrain.models.weights import WeightsReport
 from visiontrain.seed import sample_seed, seed_everything, set_deterministic

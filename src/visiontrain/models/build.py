@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -12,14 +10,7 @@ from visiontrain.data.sources import DataBundle
 from visiontrain.errors import ConfigError
 from visiontrain.models import create_model
 from visiontrain.models.init import init_weights
-from visiontrain.models.pretrained import PRETRAINED_FILES
 from visiontrain.models.registry import external_model
-from visiontrain.models.weights import (
-    WeightsReport,
-    load_backbone_weights,
-    load_weights,
-    read_weights,
-)
 
 # ``model.name`` of a run that trained a user's own module: the prefix and its class name.
 USER_MODEL_PREFIX = "custom:"
@@ -110,64 +101,6 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
             "freeze (it normalises otherwise). Remove the key."
         )
     return freeze_batch_norm_2d(model)
-
-
-def start_weights(cfg: Config, model: nn.Module) -> list[WeightsReport]:
-    """Load the run's initial weights into ``model``; one report per source.
-
-    In order: ``model.pretrained`` for a timm/torchvision classifier (the library's cached
-    ImageNet file), ``model.weights`` (the whole model), ``model.backbone_weights`` (its
-    backbone or encoder). Called when a run starts, never on a resume (the checkpoint
-    holds the weights).
-
-    Raises:
-        CheckpointError: a weights file is missing, damaged or unsafe.
-        ConfigError: the weights do not fit the model.
-    """
-    m = cfg.model
-    loads: list[tuple[str, Callable[[], WeightsReport]]] = []
-    external = external_model(m.name) if m.pretrained else None
-    if external is not None:
-        lib, real = external
-
-        def pretrained() -> WeightsReport:
-            path = PRETRAINED_FILES[lib](real)
-            return load_weights(model, read_weights(path, "model.pretrained"), "model.pretrained")
-
-        loads.append(("model.pretrained", pretrained))
-    if m.weights:
-        weights = m.weights
-        loads.append(("model.weights", lambda: load_weights(model, read_weights(weights))))
-    if m.backbone_weights:
-        if cfg.task not in ("detection", "segmentation"):
-            raise ConfigError(
-                "model.backbone_weights is for detectors and segmenters (a classifier's "
-                f"weights into their backbone); for task {cfg.task} use model.weights."
-            )
-        path = m.backbone_weights
-        loads.append(
-            (
-                "model.backbone_weights",
-                lambda: load_backbone_weights(model, read_weights(path, "model.backbone_weights")),
-            )
-        )
-    reports = []
-    for _, load in loads:
-        report = load()
-        if m.init != "default":
-            # model.init ran before the weights: it now holds only where nothing loaded.
-            _reinit(model, report, m.init)
-        reports.append(report)
-    return reports
-
-
-def _reinit(model: nn.Module, report: WeightsReport, scheme: str) -> None:
-    """Apply ``model.init`` to the modules whose weights did not come from the file."""
-    fresh = {k.rsplit(".", 1)[0] for k in [*report.reinitialised, *report.missing]}
-    prefix = "" if report.into == "model" else report.into.split("`")[1] + "."
-    for name, module in model.named_modules():
-        if name.removeprefix(prefix) in fresh or name in fresh:
-            init_weights(module, scheme)
 
 
 def place(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:

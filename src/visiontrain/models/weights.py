@@ -1,11 +1,8 @@
-"""Start a model from weights on disk: read them safely, match them, load them, report it.
+"""Load a state dict read from disk into a model: match it, load it, report what it did.
 
-Sources (``model.weights``, ``model.backbone_weights``, the file ``model.pretrained``
-resolves to): a visiontrain run directory or checkpoint (its evaluated weights: the EMA
-when the run had ``train.ema``), an export folder holding ``model.safetensors``, a plain
-state dict in ``.pt``/``.pth``/``.bin`` as timm and torchvision save them (read with
-``torch.load(weights_only=True)``: a pickle that would run code is refused, never run),
-or a ``.safetensors`` file (never unpickled).
+The files are read by :mod:`visiontrain.engine.weights` (run directories, checkpoints,
+state dicts, safetensors, the libraries' caches); here a :class:`WeightsSource` is only
+tensors by key.
 
 Matching, key by key against the model's own ``state_dict``:
 
@@ -28,8 +25,6 @@ the same matched keys.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontrain.errors import CheckpointError, ConfigError
+from visiontrain.errors import ConfigError
 from visiontrain.models.heads import HeadSplit, backbone_name, find_head
 
 # Keys a checkpoint carries that describe bookkeeping, not weights, when compared.
@@ -64,126 +59,6 @@ class WeightsSource:
     path: Path
     kind: str
     state: dict[str, torch.Tensor]
-
-
-def read_weights(target: str | Path, key: str = "model.weights") -> WeightsSource:
-    """Read a weights source (see the module docstring) without running any pickled code.
-
-    Args:
-        target: A run directory, export folder, checkpoint, state dict or safetensors file.
-        key: The config key that named it, for messages.
-
-    Raises:
-        CheckpointError: the path is missing, unreadable, truncated, holds objects a safe
-            load may not create, or holds no tensors.
-    """
-    path = Path(target).expanduser()
-    if path.is_dir():
-        path = _file_in_folder(path, key)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{key}={target}: no such file or folder. Pass a run directory, a checkpoint "
-            "(RUN/checkpoints/best.pt), a state dict (.pt/.pth) or a .safetensors file."
-        )
-    if path.suffix == ".safetensors":
-        return WeightsSource(path, "safetensors file", _read_safetensors(path, key))
-    return _read_torch(path, key)
-
-
-def _file_in_folder(folder: Path, key: str) -> Path:
-    from visiontrain.rundir import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
-
-    for candidate in (
-        folder / CHECKPOINTS_DIR / BEST_CHECKPOINT,
-        folder / CHECKPOINTS_DIR / LAST_CHECKPOINT,
-        folder / EXPORTED_WEIGHTS,
-    ):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"{key}={folder} is a folder without checkpoints/best.pt, checkpoints/last.pt or "
-        f"{EXPORTED_WEIGHTS}. Pass a run directory, an export folder or a weights file."
-    )
-
-
-def _read_safetensors(path: Path, key: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{key}={path} is truncated or not a safetensors file ({_first_line(exc)}). "
-            "Copy it again, or export it anew with `visiontrain export RUN --format "
-            "safetensors`."
-        ) from None
-
-
-def _read_torch(path: Path, key: str) -> WeightsSource:
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise CheckpointError(
-            f"{key}={path} is not a PyTorch file (neither a zip archive nor a pickle). Pass "
-            "a .pt/.pth state dict, a .safetensors file or a visiontrain checkpoint."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{key}={path} was refused: it holds objects that a safe load may not create "
-            f"({_first_line(exc)}), so it was not unpickled. If you trust its origin, save "
-            "its plain state dict (torch.save(model.state_dict(), 'weights.pt')) or a "
-            ".safetensors file and pass that."
-        ) from None
-    except (
-        RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError
-    ) as exc:  # fmt: skip
-        raise CheckpointError(
-            f"{key}={path} is truncated or not a PyTorch file ({_first_line(exc)}). Copy it "
-            "again or pass another weights file."
-        ) from None
-    from visiontrain.engine.checkpoint import FORMAT
-
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_checkpoint(path)
-    kind = "state dict"
-    if isinstance(obj, dict):
-        for nested in _NESTED_KEYS:
-            if isinstance(obj.get(nested), dict):
-                obj, kind = obj[nested], f"state dict (its `{nested}` entry)"
-                break
-    state = _tensors_only(obj)
-    if not state:
-        raise CheckpointError(
-            f"{key}={path} holds no weight tensors (a {type(obj).__name__}); pass a state "
-            "dict: torch.save(model.state_dict(), path)."
-        )
-    return WeightsSource(path, f"{kind} ({path.suffix or 'no suffix'})", state)
-
-
-def _from_checkpoint(path: Path) -> WeightsSource:
-    """A visiontrain checkpoint, verified by its content hash; its evaluated weights."""
-    from visiontrain.engine.checkpoint import eval_weights, load_checkpoint
-
-    state = load_checkpoint(path)
-    ema = bool(state.get("ema"))
-    kind = "visiontrain checkpoint" + (" (EMA weights)" if ema else "")
-    return WeightsSource(path, kind, _tensors_only(eval_weights(state)))
-
-
-def _tensors_only(obj: Any) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, dict):
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    for k, v in obj.items():
-        if isinstance(k, str) and isinstance(v, torch.Tensor):
-            for prefix in _WRAPPER_PREFIXES:
-                while k.startswith(prefix):
-                    k = k[len(prefix) :]
-            out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- matching
