@@ -119,7 +119,7 @@ class ModelConfig(_Section):
     norm: Literal["batch", "layer", "group", "none"] | None = None
     encoder: str | None = None
     # Start from these weights: a run directory, a visiontrain checkpoint, a state dict
-    # (.pt/.pth, read with weights_only=True) or a .safetensors file (models/weights.py).
+    # (.pt/.pth, read with weights_only=True) or a .safetensors file (engine/weights.py).
     weights: str | None = None
     # Detection/segmentation: weights for the backbone/encoder alone (a classifier's).
     backbone_weights: str | None = None

@@ -14,6 +14,7 @@ import torch
 from visiontrain.report.figures import (
     BEST_COLOR,
     Plot,
+    annotate_cells,
     grid_shape,
     hide_unused,
     image_hwc,
@@ -52,11 +53,7 @@ def confusion_plot(matrix: list[list[int]], names: list[str]) -> Plot:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title, fontsize=10)
-        if len(names) <= 20:  # beyond that the numbers do not fit in the cells
-            high = values.max() if values.size else 0
-            for (i, j), v in np.ndenumerate(values):
-                color = "white" if high and v > 0.6 * high else "black"
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color=color)
+        annotate_cells(ax, values, fmt)
     return render(
         fig,
         "confusion_matrix",

@@ -132,3 +132,16 @@ def per_class_bars(
         for label, key in columns.items()
     }
     return render(bar_chart(names, series, ylabel), name, title, caption)
+
+
+def annotate_cells(ax: Any, values: np.ndarray, fmt: str, limit: int = 20) -> None:
+    """Write each cell's value on a matrix image, white on the darker cells.
+
+    Beyond ``limit`` rows the numbers no longer fit in the cells and are left out.
+    """
+    if len(values) > limit:
+        return
+    high = values.max() if values.size else 0
+    for (i, j), v in np.ndenumerate(values):
+        color = "white" if high and v > 0.6 * high else "black"
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color=color)

@@ -14,6 +14,7 @@ import torch
 from visiontrain.report.classification import SCORED_IMAGES, reliability_plot
 from visiontrain.report.figures import (
     Plot,
+    annotate_cells,
     grid_shape,
     hide_unused,
     new_figure,
@@ -123,11 +124,7 @@ def cooccurrence_plot(matrix: list[list[int]], names: list[str]) -> Plot:
         ax.set_xticks(ticks, names, rotation=45 if many else 0, ha="right" if many else "center")
         ax.set_yticks(ticks, names)
         ax.set_title(title, fontsize=10)
-        if len(names) <= 20:  # beyond that the numbers do not fit in the cells
-            high = values.max() if values.size else 0
-            for (i, j), v in np.ndenumerate(values):
-                color = "white" if high and v > 0.6 * high else "black"
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color=color)
+        annotate_cells(ax, values, fmt)
     return render(
         fig,
         "label_cooccurrence",
