@@ -117,3 +117,11 @@ def test_calibration_is_refused_without_class_probabilities(cli, tmp_path):
     args = ["task=regression", "data.name=shapes", "train.calibrate=temperature"]
     res = cli("train", *TINY_ANY, *args, f"run.dir={tmp_path}")
     assert res.code == 2 and "has none to calibrate" in res.err
+
+
+def test_a_perfectly_separated_val_set_keeps_the_temperature_bounded():
+    """NLL keeps falling as T -> 0 when every val image is right: T never leaves the bound."""
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]] * 20)
+    target = torch.tensor([0, 1] * 20)
+    t = fit_temperature(logits, target, "softmax")
+    assert float(np.exp(-3.0)) - 1e-6 <= t < 1.0

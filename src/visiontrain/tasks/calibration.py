@@ -93,25 +93,35 @@ def nll(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Te
     return F.cross_entropy(logits, target)
 
 
-def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str) -> float:
-    """The temperature that minimises the NLL of ``logits / T`` (LBFGS over ``log T``).
+# The temperature is searched within [e^-3, e^3] (0.05 to 20). A val set the model
+# classifies perfectly has no finite optimum (its NLL falls as T -> 0); the bound keeps
+# the answer finite, and a T at the bound says the val set cannot calibrate this model.
+LOG_T_BOUND = 3.0
 
-    Optimising ``log T`` keeps ``T`` positive without a constraint.
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str) -> float:
+    """The temperature that minimises the NLL of ``logits / T`` (LBFGS, ``T`` bounded).
+
+    ``log T = 3 tanh(u)`` is optimised over ``u``: positive and bounded to
+    [e^-3, e^3] without a constraint.
 
     Args:
         logits: float (N, C) validation logits of the best weights.
-        target: int64 class indices (N,), or float multi-label 0/1 rows (N, C).
-        activation: ``softmax`` or ``sigmoid`` (one-vs-rest and multi-label losses).
+        target: int64 class indices (N,), or 0/1 rows (N, C) for multilabel.
+        activation: ``softmax`` or ``sigmoid`` (one-vs-rest losses, multilabel).
     """
     logits, target = logits.detach().float().cpu(), target.detach().cpu()
-    log_t = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    u = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([u], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def temperature() -> torch.Tensor:
+        return (LOG_T_BOUND * torch.tanh(u)).exp()
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = nll(logits / log_t.exp(), target, activation)
+        loss = nll(logits / temperature(), target, activation)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp())
+    return float(temperature().detach())
