@@ -192,3 +192,48 @@ def test_finetune_quick_prints_the_table(tmp_path: Path) -> None:
     accuracy = results["results"]["4"]["finetune"][0]["accuracy"]
     assert f"| finetune | {accuracy:.3f} ± 0.000 |" in out
     assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
+
+
+@pytest.mark.slow
+def test_recipes_quick_prints_the_tables(tmp_path: Path) -> None:
+    import json
+
+    runs = tmp_path / "runs"
+    extra = ("--recipes", "mixup=0.2", "trivialaugment", "--out", str(runs))
+    out = run_quick("recipes.py", tmp_path, *extra).stdout
+    assert out.splitlines()[0].endswith("recipes.py --quick " + " ".join(extra)), out
+    assert "| data | recipe | seeds | test macro F1 | Δ macro F1 | test accuracy |" in out, out
+    for data in ("defects", "digits"):
+        for recipe in ("shipped", "mixup=0.2", "trivialaugment"):
+            row = rf"^\| {data} \| {re.escape(recipe)} \| 1 \| \d\.\d{{3}} ± \d\.\d{{3}} \| "
+            assert re.search(row, out, re.M), out  # table A
+            row = rf"^\| {data} \| {re.escape(recipe)} \| [\d.]+ ± [\d.]+ \| \d\.\d{{3}} ± "
+            assert re.search(row, out, re.M), out  # the same runs' calibration
+        assert f"| {data} | cutmix=1.0 |" not in out  # not asked for
+    for run in ("default", "over-confident"):
+        for measure in ("val ECE", "val MCE", "val Brier", "val NLL", "test ECE", "test Brier"):
+            row = rf"^\| {run} \| 1 \| {measure} \| \d\.\d{{3}} ± \d\.\d{{3}} \| \d\.\d{{3}} ± "
+            assert re.search(row, out, re.M), out
+    assert "| test ECE at T = 1 | test ECE with T |" in out, out
+    assert re.search(r"^wall time: \d+ s$", out, re.M), out
+    results = json.loads((runs / "recipes.json").read_text())["runs"]
+    assert len(results) == 2 * 3 + 2
+    by_name = {r["name"]: r for r in results}
+    # The numbers are the runs' own: test macro F1 from summary.json, MCE before from the
+    # best epoch's val record (pre-temperature), after from the calibrated val metrics.
+    name = "A-digits-mixup=0.2-seed0"
+    summary = json.loads((runs / name / "summary.json").read_text())
+    assert by_name[name]["macro_f1"] == summary["metrics"]["test"]["macro_f1"]
+    assert f"| digits | mixup=0.2 | 1 | {summary['metrics']['test']['macro_f1']:.3f} ± " in out
+    assert by_name[name]["val_mce_after"] == summary["metrics"]["val"]["mce"]
+    assert by_name[name]["temperature"] == summary["calibration"]["temperature"]
+    assert by_name[name]["test_ece"] == summary["metrics"]["test"]["ece"]
+    # The uncalibrated test numbers (best.pt at T = 1) are kept next to the run.
+    at_t1 = json.loads((runs / name / "test_at_t1.json").read_text())
+    assert at_t1["test_ece_t1"] == by_name[name]["test_ece_t1"]
+    assert 0 <= at_t1["test_ece_t1"] <= 1 and 0 <= at_t1["test_brier_t1"] <= 2
+    # The over-confident run trains three times the others' epochs, without augmentation.
+    over = by_name["B-over-confident-calibrate-seed0"]
+    assert over["epochs_run"] == 3 * by_name["B-default-calibrate-seed0"]["epochs_run"]
+    assert "data.augment=none" in over["keys"]
+    assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
