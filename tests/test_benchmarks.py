@@ -205,9 +205,10 @@ def test_recipes_quick_prints_the_tables(tmp_path: Path) -> None:
     assert "| data | recipe | seeds | test macro F1 | Δ macro F1 | test accuracy |" in out, out
     for data in ("defects", "digits"):
         for recipe in ("shipped", "mixup=0.2", "trivialaugment"):
-            row = rf"^\| {data} \| {re.escape(recipe)} \| 1 \| \d\.\d{{3}} ± \d\.\d{{3}} \| "
+            start = rf"^\| {data} \| {re.escape(recipe)} \| "
+            row = start + r"1 \| \d\.\d{3} ± \d\.\d{3} \| "
             assert re.search(row, out, re.M), out  # table A
-            row = rf"^\| {data} \| {re.escape(recipe)} \| [\d.]+ ± [\d.]+ \| \d\.\d{{3}} ± "
+            row = start + r"[\d.]+ ± [\d.]+ \| [01]/1 \| \d\.\d{3} ± "
             assert re.search(row, out, re.M), out  # the same runs' calibration
         assert f"| {data} | cutmix=1.0 |" not in out  # not asked for
     for run in ("default", "over-confident"):
@@ -236,4 +237,12 @@ def test_recipes_quick_prints_the_tables(tmp_path: Path) -> None:
     over = by_name["B-over-confident-calibrate-seed0"]
     assert over["epochs_run"] == 3 * by_name["B-default-calibrate-seed0"]["epochs_run"]
     assert "data.augment=none" in over["keys"]
+    # The same command again (after an interruption) reads the finished runs from --out.
+    again = run_quick("recipes.py", tmp_path, *extra).stdout
+    assert again.count("reused from --out") == 8, again
+    assert "(8 of 8 runs read from --out, trained before)" in again, again
+    assert (
+        again[again.index("Table A:") : again.index("wall time")]
+        == (out[out.index("Table A:") : out.index("wall time")])
+    )
     assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
