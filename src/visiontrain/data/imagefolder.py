@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -237,21 +238,33 @@ def read_label_sets_csv(
     return files, values, names
 
 
-def _build_multilabel(cfg: DataConfig, root: Path) -> DataBundle:
-    """Multi-label splits from labels.csv files (per split folder, or one at the root)."""
+# Reads one split's labels.csv: (files, targets, names), the names checked against train's.
+CsvReader = Callable[[Path, list[str] | None], tuple[list[Path], np.ndarray, list[str]]]
+
+
+def _csv_splits(
+    cfg: DataConfig, root: Path, task: str, rows: str, read: CsvReader
+) -> tuple[Split, Split, Split | None, list[str], list[str]]:
+    """Train, val and test from labels.csv files (per split folder, or one at the root).
+
+    Without ``val/labels.csv`` a ``data.val_split`` share of train is held out.
+
+    Returns:
+        The splits, the names train's file gives (classes or targets) and the notes.
+    """
     per_split = (root / "train" / "labels.csv").is_file()
     first = root / "train" / "labels.csv" if per_split else root / "labels.csv"
     if not first.is_file():
         raise DataError(
-            f"task=multilabel with data.name=imagefolder needs {root}/train/labels.csv (or "
-            f"{root}/labels.csv): rows of filename,labels with the labels separated by spaces."
+            f"task={task} with data.name=imagefolder needs {root}/train/labels.csv (or "
+            f"{root}/labels.csv): {rows}."
         )
-    paths, values, names = read_label_sets_csv(first)
+    paths, values, names = read(first, None)
     train: Split = FileSplit(paths, values, channels=3)
     notes = []
     val_csv, test_csv = root / "val" / "labels.csv", root / "test" / "labels.csv"
     if per_split and val_csv.is_file():
-        val: Split = FileSplit(*read_label_sets_csv(val_csv, names)[:2], channels=3)
+        val: Split = FileSplit(*read(val_csv, names)[:2], channels=3)
     else:
         order = np.random.default_rng(cfg.split_seed).permutation(len(train))
         n_val = min(max(round(len(train) * cfg.val_split), 1), len(train) - 1)
@@ -259,36 +272,24 @@ def _build_multilabel(cfg: DataConfig, root: Path) -> DataBundle:
         train = SubsetSplit(train, np.sort(order[n_val:]))
         notes.append(f"no val/labels.csv: held out {n_val} training images (data.val_split)")
     test = (
-        FileSplit(*read_label_sets_csv(test_csv, names)[:2], channels=3)
+        FileSplit(*read(test_csv, names)[:2], channels=3)
         if per_split and test_csv.is_file()
         else None
     )
+    return train, val, test, names, notes
+
+
+def _build_multilabel(cfg: DataConfig, root: Path) -> DataBundle:
+    """Label sets per image from labels.csv (``filename,labels``, space-separated)."""
+    rows = "rows of filename,labels with the labels separated by spaces"
+    train, val, test, names, notes = _csv_splits(cfg, root, "multilabel", rows, read_label_sets_csv)
     return _bundle(cfg, train, val, test, notes, class_names=names)
 
 
 def _build_regression(cfg: DataConfig, root: Path) -> DataBundle:
-    """Splits from labels.csv files (per split folder, or one at the root)."""
-    per_split = (root / "train" / "labels.csv").is_file()
-    first = root / "train" / "labels.csv" if per_split else root / "labels.csv"
-    if not first.is_file():
-        raise DataError(
-            f"task=regression with data.name=imagefolder needs {root}/train/labels.csv (or "
-            f"{root}/labels.csv): rows of filename,target[,target2...]."
-        )
-    paths, values, names = read_labels_csv(first)
-    train: Split = FileSplit(paths, values, channels=3)
-    notes = []
-    val_csv = root / "val" / "labels.csv"
-    if per_split and val_csv.is_file():
-        val: Split = _csv_split(val_csv, names)
-    else:
-        order = np.random.default_rng(cfg.split_seed).permutation(len(train))
-        n_val = min(max(round(len(train) * cfg.val_split), 1), len(train) - 1)
-        val = SubsetSplit(train, np.sort(order[:n_val]))
-        train = SubsetSplit(train, np.sort(order[n_val:]))
-        notes.append(f"no val/labels.csv: held out {n_val} training images (data.val_split)")
-    test_csv = root / "test" / "labels.csv"
-    test = _csv_split(test_csv, names) if per_split and test_csv.is_file() else None
+    """Targets per image from labels.csv (``filename,target[,target2...]``)."""
+    rows = "rows of filename,target[,target2...]"
+    train, val, test, names, notes = _csv_splits(cfg, root, "regression", rows, _read_targets)
     return _bundle(cfg, train, val, test, notes, target_names=names)
 
 
@@ -317,14 +318,15 @@ def _bundle(
     )
 
 
-def _csv_split(path: Path, names: list[str]) -> FileSplit:
+def _read_targets(path: Path, names: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A regression labels.csv; val's and test's must list train's targets, in its order."""
     paths, values, own = read_labels_csv(path)
-    if own != names:
+    if names is not None and own != names:
         raise DataError(
             f"{path} has targets {own} but train's labels.csv has {names}; every split "
             "must list the same targets in the same order."
         )
-    return FileSplit(paths, values, channels=3)
+    return paths, values, own
 
 
 @register_source(
