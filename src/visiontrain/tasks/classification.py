@@ -30,11 +30,8 @@ from visiontrain.tasks.thresholds import (
     average_precision,
     choose_threshold,
     fixed_or_auto,
-    pr_curve,
+    pr_curve_summary,
 )
-
-# At most this many points of the PR curve go into summary.json.
-PR_POINTS = 200
 
 
 def probabilities(output: torch.Tensor, activation: str) -> torch.Tensor:
@@ -260,14 +257,9 @@ class ClassificationTask(Task):
         choice = choose_threshold(scores, targets, self.cfg.train.threshold)
         self.threshold = choice.threshold
         info = choice.to_dict()
-        if 0 < int(targets.sum()) < len(targets):
-            precision, recall, thresholds = pr_curve(scores, targets)
-            step = max(1, len(thresholds) // PR_POINTS)
-            info["pr_curve"] = {
-                "precision": [round(float(v), 5) for v in precision[::step]],
-                "recall": [round(float(v), 5) for v in recall[::step]],
-                "thresholds": [round(float(v), 6) for v in thresholds[::step]],
-            }
+        curve = pr_curve_summary(scores, targets)
+        if curve is not None:
+            info["pr_curve"] = curve
             info["average_precision"] = average_precision(scores, targets)
         self.threshold_info = info
         return info

@@ -48,8 +48,8 @@ from visiontrain.errors import DataError
 from visiontrain.losses import LossContext, build_loss
 from visiontrain.tasks.base import Task, register_task
 from visiontrain.tasks.calibration import CalibrationStats, fit_temperature, nll
-from visiontrain.tasks.classification import PR_POINTS, describe_loss
-from visiontrain.tasks.thresholds import choose_threshold, pr_curve
+from visiontrain.tasks.classification import describe_loss
+from visiontrain.tasks.thresholds import choose_threshold, pr_curve_summary
 
 
 def label_probabilities(outputs: torch.Tensor, task_state: dict[str, Any]) -> torch.Tensor:
@@ -263,14 +263,9 @@ class MultilabelTask(Task):
             self.thresholds[c] = choice.threshold
             entry = choice.to_dict()
             del entry["rule"]  # one rule for all classes, kept once below
-            if 0 < int(truth.sum()) < len(truth):
-                precision, recall, thresholds = pr_curve(scores, truth)
-                step = max(1, len(thresholds) // PR_POINTS)
-                entry["pr_curve"] = {
-                    "precision": [round(float(v), 5) for v in precision[::step]],
-                    "recall": [round(float(v), 5) for v in recall[::step]],
-                    "thresholds": [round(float(v), 6) for v in thresholds[::step]],
-                }
+            curve = pr_curve_summary(scores, truth)
+            if curve is not None:
+                entry["pr_curve"] = curve
             per_class[name] = entry
         self.threshold_info = {"rule": str(rule), "per_class": per_class}
         return {"thresholds": dict(zip(self.bundle.class_names, self.thresholds, strict=True))}

@@ -128,3 +128,23 @@ def _at(
     r = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * p * r / (p + r) if p + r else 0.0
     return ThresholdChoice(threshold, rule, p, r, f1, note)
+
+
+# At most this many points of a PR curve go into summary.json.
+PR_POINTS = 200
+
+
+def pr_curve_summary(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]] | None:
+    """The PR curve for summary.json, thinned to about :data:`PR_POINTS` points.
+
+    None when the targets hold a single class (no curve to draw).
+    """
+    if not 0 < int(targets.sum()) < len(targets):
+        return None
+    precision, recall, thresholds = pr_curve(scores, targets)
+    step = max(1, len(thresholds) // PR_POINTS)
+    return {
+        "precision": [round(float(v), 5) for v in precision[::step]],
+        "recall": [round(float(v), 5) for v in recall[::step]],
+        "thresholds": [round(float(v), 6) for v in thresholds[::step]],
+    }
