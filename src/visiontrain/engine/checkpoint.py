@@ -158,6 +158,30 @@ def read_torch_file(
         ) from None
 
 
+SAFETENSORS_FIX = (
+    "Copy it again, or export it anew with `visiontrain export RUN --format safetensors`."
+)
+
+
+def read_safetensors(path: Path, what: str, fix: str = SAFETENSORS_FIX) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (never unpickled); a damaged file a CheckpointError.
+
+    Args:
+        path: The file.
+        what: How the message names it (``model.weights=w.safetensors``).
+        fix: What to do about a truncated or foreign file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{what} is truncated or not a safetensors file ({_first_line(exc)}). {fix}"
+        ) from None
+
+
 def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
     """The weights a checkpoint was evaluated with: its EMA when trained with ``train.ema``."""
     ema = state.get("ema")

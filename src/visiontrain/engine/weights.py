@@ -23,6 +23,7 @@ from visiontrain.engine.checkpoint import (
     FORMAT,
     eval_weights,
     load_checkpoint,
+    read_safetensors,
     read_torch_file,
 )
 from visiontrain.errors import CheckpointError, ConfigError
@@ -119,7 +120,7 @@ def read_weights(target: str | Path, key: str = "model.weights") -> WeightsSourc
             "(RUN/checkpoints/best.pt), a state dict (.pt/.pth) or a .safetensors file."
         )
     if path.suffix == ".safetensors":
-        return WeightsSource(path, "safetensors file", _read_safetensors(path, key))
+        return WeightsSource(path, "safetensors file", read_safetensors(path, f"{key}={path}"))
     return _read_torch(path, key)
 
 
@@ -135,20 +136,6 @@ def _file_in_folder(folder: Path, key: str) -> Path:
         f"{key}={folder} is a folder without checkpoints/best.pt, checkpoints/last.pt or "
         f"{EXPORTED_WEIGHTS}. Pass a run directory, an export folder or a weights file."
     )
-
-
-def _read_safetensors(path: Path, key: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{key}={path} is truncated or not a safetensors file ({_first_line(exc)}). "
-            "Copy it again, or export it anew with `visiontrain export RUN --format "
-            "safetensors`."
-        ) from None
 
 
 def _read_torch(path: Path, key: str) -> WeightsSource:

@@ -18,16 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from visiontrain.config import build_config
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
+from visiontrain.engine.checkpoint import read_safetensors
 from visiontrain.engine.restore import Loaded
 from visiontrain.errors import UserError
 from visiontrain.models.build import build_model, user_model_class
 from visiontrain.rundir import CHECKPOINTS_DIR
+
+# What to do about a damaged safetensors export.
+EXPORT_AGAIN = "Export it again with `visiontrain export RUN --format safetensors`."
 
 # The formats whose file holds the weights alone, not a traced program.
 WEIGHTS_FORMATS = ("safetensors",)
@@ -294,13 +296,7 @@ def load_weights(path: Path, meta: dict[str, Any]) -> Loaded:
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, shell, device)
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(
-            f"{path} is truncated or not a safetensors file ({_first_line(exc)}). Export it "
-            "again with `visiontrain export RUN --format safetensors`."
-        ) from None
+    weights = read_safetensors(path, str(path), EXPORT_AGAIN)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

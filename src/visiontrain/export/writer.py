@@ -40,17 +40,15 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from visiontrain.engine.checkpoint import eval_weights
+from visiontrain.engine.checkpoint import eval_weights, read_safetensors
 from visiontrain.engine.restore import Loaded, load_trained, resolve_checkpoint
 from visiontrain.errors import EXIT_FAILURE, EXIT_OK, UserError
 from visiontrain.export.artifact import (
+    EXPORT_AGAIN,
     META_FILE,
-    _first_line,
     _merge,
     artifact_entry,
     checkpoint_epoch,
@@ -599,13 +597,7 @@ def _export_safetensors(
             f"{time.perf_counter() - start:.1f} s]",
             highlight=False,
         )
-    try:
-        got = load_safetensors(str(artifact))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(
-            f"{artifact} is truncated or not a safetensors file ({_first_line(exc)}). "
-            "Export it again with `visiontrain export RUN --format safetensors`."
-        ) from None
+    got = read_safetensors(artifact, str(artifact), EXPORT_AGAIN)
     line = f"check (safetensors load_file, bitwise): {len(got)} tensors"
     mismatch = bitwise_mismatch(got, weights)
     if mismatch is not None:
