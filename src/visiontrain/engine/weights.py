@@ -31,15 +31,19 @@ from visiontrain.models.init import init_weights
 from visiontrain.models.pretrained import PRETRAINED_FILES
 from visiontrain.models.registry import external_model
 from visiontrain.models.weights import (
-    _NESTED_KEYS,
-    _WRAPPER_PREFIXES,
-    EXPORTED_WEIGHTS,
     WeightsReport,
     WeightsSource,
     load_backbone_weights,
     load_weights,
 )
 from visiontrain.rundir import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
+
+# Wrapper prefixes stripped from a state dict's keys: DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Nested state dicts in training checkpoints, in timm's order of preference (EMA first).
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# An export folder's weights (``visiontrain export --format safetensors``).
+EXPORTED_WEIGHTS = "model.safetensors"
 
 
 def start_weights(cfg: Config, model: nn.Module) -> list[WeightsReport]:
@@ -184,8 +188,3 @@ def _tensors_only(obj: Any) -> dict[str, torch.Tensor]:
                     k = k[len(prefix) :]
             out[k] = v
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -36,15 +36,6 @@ from torch import nn
 from visiontrain.errors import ConfigError
 from visiontrain.models.heads import HeadSplit, backbone_name, find_head
 
-# Keys a checkpoint carries that describe bookkeeping, not weights, when compared.
-_BENIGN_SUFFIXES = ("num_batches_tracked",)
-# Wrapper prefixes stripped before matching: DDP, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Nested state dicts in training checkpoints, in timm's order of preference (EMA first).
-_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-# An export folder's weights (``visiontrain export --format safetensors``).
-EXPORTED_WEIGHTS = "model.safetensors"
-
 
 @dataclass
 class WeightsSource:
@@ -356,8 +347,3 @@ def load_backbone_weights(model: nn.Module, source: WeightsSource) -> WeightsRep
     return load_weights(
         backbone, source, "model.backbone_weights", f"backbone `{name}`", HeadSplit((), "")
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
