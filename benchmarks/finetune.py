@@ -64,7 +64,6 @@ import io
 import json
 import math
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -76,7 +75,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import private_cache
+from common import command_line, mean_std, private_cache
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled with antialiasing
@@ -358,12 +357,6 @@ def train_target(
     }
 
 
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` (sample std; 0 for a single value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
 def markdown(results: dict[int, dict[str, list[dict]]], budgets: dict[int, Budget]) -> str:
     """One row per budget and variant; the gain is against scratch at the same budget."""
     lines = [
@@ -382,14 +375,6 @@ def markdown(results: dict[int, dict[str, list[dict]]], budgets: dict[int, Budge
                 f"{mean_std([r['macro_f1'] for r in runs])} | {gain} |"
             )
     return "\n".join(lines)
-
-
-def command_line() -> str:
-    """The command as typed, with the interpreter relative to the working folder if inside."""
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(Path.cwd())
-    return shlex.join([str(exe), *sys.argv])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

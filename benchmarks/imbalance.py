@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import mean_std
 
 BASELINE = Path(__file__).parents[1] / "configs" / "defects_baseline.yaml"
 VARIANTS: dict[str, list[str]] = {
@@ -94,12 +95,6 @@ def run_variant(name: str, seed: int, out: Path, quick: bool) -> dict[str, float
         "macro F1": test["macro_f1"],
         "seconds": time.perf_counter() - start,
     }
-
-
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` (sample std; 0 for a single value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
 def markdown(results: dict[str, list[dict[str, float]]]) -> str:

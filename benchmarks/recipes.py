@@ -83,7 +83,7 @@ from pathlib import Path
 
 import yaml
 
-from common import private_cache
+from common import command_line, mean_std, private_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS: dict[str, list[str]] = {
@@ -290,12 +290,6 @@ def read(folder: Path, name: str) -> dict:
     }
 
 
-def mean_std(values: list[float], digits: int = 3) -> str:
-    """``mean ± std`` (sample std; 0 for a single value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def grouped(runs: list[Run], table: str) -> dict[tuple[str, str], list[dict]]:
     """Results of one table by (data, recipe), in plan order."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -393,14 +387,6 @@ def table_b(runs: list[Run]) -> str:
         epochs = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in results)
         lines.append(f"| {data} | {n} | best epoch / epochs | — | {epochs} |")
     return "\n".join(lines)
-
-
-def command_line() -> str:
-    """The command as typed, with the interpreter relative to the working folder if inside."""
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(Path.cwd())
-    return shlex.join([str(exe), *sys.argv])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
