@@ -98,7 +98,7 @@ def start_weights(cfg: Config, model: nn.Module) -> list[WeightsReport]:
 def _reinit(model: nn.Module, report: WeightsReport, scheme: str) -> None:
     """Apply ``model.init`` to the modules whose weights did not come from the file."""
     fresh = {k.rsplit(".", 1)[0] for k in [*report.reinitialised, *report.missing]}
-    prefix = "" if report.into == "model" else report.into.split("`")[1] + "."
+    prefix = f"{report.module}." if report.module else ""
     for name, module in model.named_modules():
         if name.removeprefix(prefix) in fresh or name in fresh:
             init_weights(module, scheme)

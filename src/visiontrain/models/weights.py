@@ -71,6 +71,7 @@ class WeightsReport:
         unexpected: Keys only the source has (left out).
         renamed: The prefix rewrite that matched the keys (``features. -> body.``).
         head_rule: How the head was found.
+        module: The submodule loaded into (``backbone``); empty for the whole model.
     """
 
     key: str
@@ -84,6 +85,8 @@ class WeightsReport:
     unexpected: list[str] = field(default_factory=list)
     renamed: str | None = None
     head_rule: str = ""
+    # The submodule loaded into (``backbone``), empty for the whole model.
+    module: str = ""
 
     def notes(self) -> list[str]:
         """One ``note:`` line per non-empty key group."""
@@ -344,6 +347,8 @@ def load_backbone_weights(model: nn.Module, source: WeightsSource) -> WeightsRep
         )
     backbone = model.get_submodule(name)
     # A backbone has no head: a classifier's head in the file is simply unexpected.
-    return load_weights(
+    report = load_weights(
         backbone, source, "model.backbone_weights", f"backbone `{name}`", HeadSplit((), "")
     )
+    report.module = name
+    return report
