@@ -151,7 +151,8 @@ def config_for(dataset: str, s: Settings, seed: int, extra: Sequence[str] = ()) 
     """The shipped config of ``dataset`` with the seed, budget and any extra overrides."""
     overrides = [f"train.seed={seed}", "train.device=cpu", *extra]
     if s.max_epochs is not None:
-        overrides.append(f"train.epochs={s.max_epochs}")
+        # An explicit epoch budget: the recipe's update floor would lengthen it.
+        overrides += [f"train.epochs={s.max_epochs}", "train.min_updates=null"]
     if s.quick:
         overrides.extend(QUICK_OVERRIDES[dataset])
     return load_config(CONFIGS / f"{dataset}.yaml", overrides)

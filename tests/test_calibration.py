@@ -51,8 +51,9 @@ def test_temperature_undoes_overconfidence_and_keeps_decisions():
     true_logits = torch.randn(2000, 5, generator=g)
     target = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g).squeeze(1)
     overconfident = true_logits * 4.0  # calibrated logits, sharpened 4x
-    t = fit_temperature(overconfident, target, "softmax")
-    assert t == pytest.approx(4.0, rel=0.15)
+    fit = fit_temperature(overconfident, target, "softmax")
+    t = fit.temperature
+    assert t == pytest.approx(4.0, rel=0.15) and fit.note is None
 
     def ece(logits):
         stats = CalibrationStats(torch.device("cpu"))
@@ -119,9 +120,14 @@ def test_calibration_is_refused_without_class_probabilities(cli, tmp_path):
     assert res.code == 2 and "has none to calibrate" in res.err
 
 
-def test_a_perfectly_separated_val_set_keeps_the_temperature_bounded():
-    """NLL keeps falling as T -> 0 when every val image is right: T never leaves the bound."""
+def test_a_perfectly_separated_val_set_keeps_unit_temperature_and_says_why():
+    """NLL keeps falling as T -> 0 when every val image is right: no T calibrates that."""
     logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]] * 20)
     target = torch.tensor([0, 1] * 20)
-    t = fit_temperature(logits, target, "softmax")
-    assert float(np.exp(-3.0)) - 1e-6 <= t < 1.0
+    fit = fit_temperature(logits, target, "softmax")
+    assert fit.temperature == 1.0
+    assert "every val image is classified right" in fit.note and "T = 1 is kept" in fit.note
+    # One mistake among them: a finite optimum, used.
+    wrong = torch.cat([logits, torch.tensor([[4.0, 0.0]])]), torch.cat([target, torch.tensor([1])])
+    fit = fit_temperature(*wrong, "softmax")
+    assert fit.note is None and np.exp(-3.0) < fit.temperature < np.exp(3.0)

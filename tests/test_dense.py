@@ -87,11 +87,12 @@ def _square_scene(h=40, w=60):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("same_size", [True, False])
-def test_boxes_and_masks_move_with_the_image(seed, same_size):
+@pytest.mark.parametrize("preset", ["standard", "affine"])
+def test_boxes_and_masks_move_with_the_image(seed, same_size, preset):
     image, mask, boxes = _square_scene()
     size = 64
-    det = build_pair_transform("detection", "standard", size, same_size, train=True)
-    seg = build_pair_transform("segmentation", "standard", size, same_size, train=True)
+    det = build_pair_transform("detection", preset, size, same_size, train=True)
+    seg = build_pair_transform("segmentation", preset, size, same_size, train=True)
     torch.manual_seed(seed)
     img_d, target = det(image, {"boxes": boxes, "labels": torch.tensor([0])})
     torch.manual_seed(seed)

@@ -82,7 +82,7 @@ def test_the_loader_leaves_the_random_part_to_the_device():
     assert torch.equal(first["image"], expected)
 
 
-@pytest.mark.parametrize("preset", ["light", "standard"])
+@pytest.mark.parametrize("preset", ["light", "standard", "affine"])
 def test_training_on_the_device_trains_and_resumes_exactly(cli, tmp_path, preset):
     args = [*TINY, "data.augment_on=device", f"data.augment={preset}", "train.deterministic=true",
             "train.log_every=2", "schedule.name=none", f"run.dir={tmp_path}"]  # fmt: skip
@@ -102,3 +102,26 @@ def test_training_on_the_device_trains_and_resumes_exactly(cli, tmp_path, preset
     losses = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").open()]
     other = [json.loads(x)["loss"] for x in (tmp_path / "loader" / "metrics.jsonl").open()]
     assert losses != other
+
+
+def test_affine_rotates_shifts_and_scales_within_its_ranges_without_flipping():
+    # A centred square: rotation about the centre keeps its centre of mass, so the centre
+    # moves by the shift alone (at most 10% of the side), and its area by the scale².
+    x = torch.zeros(64, 1, 40, 40, dtype=torch.uint8)
+    x[:, :, 14:26, 14:26] = 255
+    out = DeviceAugment("affine", seed=3)(x, epoch=0, batch=0)
+    mass = out.sum(dim=(1, 2, 3))
+    assert ((mass / (255 * 144)).sub(1).abs() <= 0.21 + 0.02).all()
+    ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    cy = (out[:, 0] * ys).sum(dim=(1, 2)) / mass
+    cx = (out[:, 0] * xs).sum(dim=(1, 2)) / mass
+    assert (cy - 19.5).abs().max() <= 4.0 + 0.1 and (cx - 19.5).abs().max() <= 4.0 + 0.1
+    assert (cx - 19.5).abs().max() > 2.0  # it does shift
+    # An L shape is never mirrored: its corner stays on the left and at the bottom.
+    ell = torch.zeros(32, 1, 40, 40, dtype=torch.uint8)
+    ell[:, :, 8:32, 8:14] = 255
+    ell[:, :, 26:32, 8:32] = 255
+    moved = DeviceAugment("affine", seed=4)(ell, epoch=0, batch=0)[:, 0]
+    left, right = moved[:, :, :20].sum(dim=(1, 2)), moved[:, :, 20:].sum(dim=(1, 2))
+    top, bottom = moved[:, :20].sum(dim=(1, 2)), moved[:, 20:].sum(dim=(1, 2))
+    assert (left > right).all() and (bottom > top).all()

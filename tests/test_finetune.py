@@ -11,7 +11,6 @@ import signal
 import pytest
 import torch
 from safetensors.torch import save_file
-from visiontrain.engine.weights import read_weights
 
 from conftest import TINY, run_subprocess
 from test_distributed import ddp_train
@@ -20,6 +19,7 @@ from test_signals import _start, _wait_for
 from visiontrain.config import build_config
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.optim import build_optimizer
+from visiontrain.engine.weights import read_weights
 from visiontrain.errors import ConfigError
 from visiontrain.models import create_model
 from visiontrain.models.weights import load_backbone_weights, load_weights
@@ -355,7 +355,8 @@ def test_shipped_recipe_fine_tunes_a_folder_from_a_timm_file(cli, tmp_path):
     res = cli(
         "train", "configs/finetune.yaml", f"data.root={tmp_path / 'imgs'}", "model.name=resnet10t",
         "model.pretrained=false", f"model.weights={tmp_path / 'r.pth'}", "data.image_size=32",
-        "data.batch_size=8", "data.num_workers=0", "train.epochs=2", "train.progress=plain",
+        "data.batch_size=8", "data.num_workers=0", "train.epochs=2", "train.min_updates=null",
+        "train.progress=plain",
         "run.report=false", f"run.dir={tmp_path}",
     )  # fmt: skip
     assert res.code == 0, res.err

@@ -137,7 +137,7 @@ def test_every_knob_is_a_data_key_unset_by_default():
     cfg = data_cfg()
     assert {"augment_magnitude", "augment_ops", "autoaugment_policy"} == AUGMENT_KEYS
     assert all(getattr(cfg, key) is None for key in AUGMENT_KEYS)
-    assert set(PRESETS) == set(POLICY_CLASSES) | {"none", "light", "standard"}
+    assert set(PRESETS) == set(POLICY_CLASSES) | {"none", "light", "standard", "affine"}
 
 
 @pytest.mark.parametrize(

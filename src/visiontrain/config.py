@@ -58,7 +58,7 @@ class DataConfig(_Section):
     persistent_workers: bool = True
     drop_last: bool = True
     augment: Literal[
-        "none", "light", "standard", "randaugment", "trivialaugment", "autoaugment"
+        "none", "light", "standard", "affine", "randaugment", "trivialaugment", "autoaugment"
     ] = "light"
     augment_on: Literal["loader", "device"] = "loader"
     # Policy knobs (None: torchvision's default), refused for a preset that ignores them.

@@ -16,6 +16,9 @@ Presets mirror the loader's (:mod:`visiontrain.data.transforms`):
   sampling (``affine_grid`` + ``grid_sample``; no antialiasing, unlike the loader's
   resize), a horizontal flip, then brightness, contrast and (colour) saturation jitter of
   ±30% with the loader's :func:`~visiontrain.data.transforms.jitter_colour`.
+* ``affine``: the loader's ranges (rotation ±10°, shift ±10% of each side, scale
+  0.9-1.1, no flip), one bilinear ``grid_sample`` per batch, outside filled with 0. The
+  loader's ``v2.RandomAffine`` rounds the shift to whole pixels; this one does not.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from visiontrain.data.transforms import jitter_colour
+from visiontrain.data.transforms import (
+    AFFINE_DEGREES,
+    AFFINE_SCALE,
+    AFFINE_TRANSLATE,
+    jitter_colour,
+)
 from visiontrain.errors import ConfigError
 from visiontrain.seed import sample_seed
 
@@ -81,9 +89,27 @@ def standard(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return jitter_colour(x, b, k, s)
 
 
+def affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random rotation, shift and scale of a float (N, C, H, W) batch; no flip."""
+    n = x.shape[0]
+    dev = x.device
+    angle = _uniform(n, -AFFINE_DEGREES, AFFINE_DEGREES, g, dev).deg2rad()
+    scale = _uniform(n, *AFFINE_SCALE, g, dev)
+    # Shifts in affine_grid's normalised units, where the whole side spans 2.
+    shift = _uniform(2 * n, -AFFINE_TRANSLATE, AFFINE_TRANSLATE, g, dev).view(n, 2) * 2
+    # affine_grid maps output to input coordinates, so theta is the inverse of the
+    # content's motion: input = R(-angle) / scale @ (output - shift).
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    theta = torch.cat([inv, -(inv @ shift[:, :, None])], dim=2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 PRESETS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "light": light,
     "standard": standard,
+    "affine": affine,
 }
 
 
@@ -91,7 +117,7 @@ class DeviceAugment:
     """Augments training batches on the device; a draw per sample, seeded per batch.
 
     Args:
-        preset: ``light`` or ``standard`` (``data.augment``).
+        preset: ``light``, ``standard`` or ``affine`` (``data.augment``).
         seed: the run's seed.
         rank: the DDP rank (ranks hold different samples, so they draw differently).
     """

@@ -1,6 +1,8 @@
 """Augmentation presets (torchvision.transforms.v2 on uint8 tensors) and device normalisation.
 
-Presets are a registry (:data:`PRESETS`): ``none``, ``light``, ``standard`` and the
+Presets are a registry (:data:`PRESETS`): ``none``, ``light``, ``standard``, ``affine``
+(small rotations, shifts and scaling without flips: digits, text, other data that is
+not mirror-symmetric) and the
 torchvision policies ``randaugment``, ``trivialaugment``, ``autoaugment`` (``standard``'s
 crop and flip, then the policy); ``data.random_erasing`` follows any of them.
 
@@ -111,6 +113,24 @@ def _standard(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transfo
     return [*_crop_flip(size), FusedColorJitter(0.3)]
 
 
+# `affine`: rotation, shift and scale, never a flip (a mirrored 2 is no digit). The same
+# ranges are drawn per sample by the device version (visiontrain.data.device_augment).
+AFFINE_DEGREES = 10.0
+AFFINE_TRANSLATE = 0.1
+AFFINE_SCALE = (0.9, 1.1)
+
+
+def _affine(size: int, channels: int, opts: AugmentOptions) -> list[v2.Transform]:
+    return [
+        v2.RandomAffine(
+            degrees=AFFINE_DEGREES,
+            translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+            scale=AFFINE_SCALE,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        )
+    ]
+
+
 # The policies' own shears, translations and rotations interpolate bilinearly (as
 # torchvision's reference recipes do; their default is nearest) and fill with 0 on any
 # channel count. Every op of the three policies takes 1- and 3-channel uint8 (tested).
@@ -152,6 +172,7 @@ PRESETS: dict[str, Preset] = {
     "none": Preset(lambda size, channels, opts: []),
     "light": Preset(_light),
     "standard": Preset(_standard, resizes=True),
+    "affine": Preset(_affine),
     "randaugment": Preset(
         _randaugment, resizes=True, uses=frozenset({"augment_magnitude", "augment_ops"})
     ),
@@ -256,6 +277,17 @@ def _dense_presets(size: int) -> dict[str, list[v2.Transform]]:
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
         ],
+        # RandomAffine moves boxes (to the box around the moved corners) and masks
+        # (nearest) with the image; the area it uncovers is ignore in a mask.
+        "affine": [
+            v2.RandomAffine(
+                degrees=AFFINE_DEGREES,
+                translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+                scale=AFFINE_SCALE,
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=_FILL,
+            )
+        ],
     }
 
 
@@ -296,7 +328,8 @@ def build_pair_transform(
     Args:
         task: ``detection`` or ``segmentation``.
         augment: the options (:func:`augment_options`) or a preset name: ``none``,
-            ``light`` (flip) or ``standard`` (scale jitter, crop, flip, colour).
+            ``light`` (flip), ``standard`` (scale jitter, crop, flip, colour) or
+            ``affine`` (rotation, shift, scale).
         size: working image size (square).
         same_size: images already are ``size`` x ``size``.
         train: whether this is the training split (evaluation never augments).

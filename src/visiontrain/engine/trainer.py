@@ -508,6 +508,8 @@ class Trainer:
                 f" -> {c['val_ece_after']:.4f}, NLL {c['val_nll_before']:.4f} -> "
                 f"{c['val_nll_after']:.4f}"
             )
+            if c.get("note"):
+                self.console(f"warning: train.calibrate=temperature: {c['note']}")
         if "thresholds" in info:
             per = ", ".join(f"{c} {t:.3g}" for c, t in info["thresholds"].items())
             self.console(f"thresholds per class ({self.cfg.train.threshold}, val): {per}")

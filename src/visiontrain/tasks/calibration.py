@@ -15,6 +15,8 @@ argmax, so decisions stay as trained; only the probabilities move.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,16 +96,34 @@ def nll(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Te
 
 
 # The temperature is searched within [e^-3, e^3] (0.05 to 20). A val set the model
-# classifies perfectly has no finite optimum (its NLL falls as T -> 0); the bound keeps
-# the answer finite, and a T at the bound says the val set cannot calibrate this model.
+# classifies perfectly has no finite optimum (its NLL falls as T -> 0), so the search
+# ends at the bound; such a T says nothing about the model, and T = 1 is kept.
 LOG_T_BOUND = 3.0
 
 
-def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str) -> float:
+@dataclass(frozen=True)
+class TemperatureFit:
+    """A fitted temperature, or 1 with the reason the fit was not used."""
+
+    temperature: float
+    note: str | None = None
+
+
+def separated(logits: torch.Tensor, target: torch.Tensor, activation: str) -> bool:
+    """Whether every sample is decided right, so the NLL of ``logits / T`` falls as T -> 0."""
+    if activation == "sigmoid":
+        truth = target.bool() if target.ndim == 2 else F.one_hot(target, logits.shape[1]).bool()
+        return bool(((logits > 0) == truth).all())
+    return bool((logits.argmax(dim=1) == target).all())
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str) -> TemperatureFit:
     """The temperature that minimises the NLL of ``logits / T`` (LBFGS, ``T`` bounded).
 
     ``log T = 3 tanh(u)`` is optimised over ``u``: positive and bounded to
-    [e^-3, e^3] without a constraint.
+    [e^-3, e^3] without a constraint. An optimum at the bound is no optimum (the NLL was
+    still falling there: typically every val image is classified right), so ``T = 1``
+    is kept and the fit says why.
 
     Args:
         logits: float (N, C) validation logits of the best weights.
@@ -111,17 +131,31 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, activation: str)
         activation: ``softmax`` or ``sigmoid`` (one-vs-rest losses, multilabel).
     """
     logits, target = logits.detach().float().cpu(), target.detach().cpu()
+    if separated(logits, target, activation):
+        return TemperatureFit(
+            1.0,
+            "every val image is classified right, so the val NLL falls without end as "
+            "T -> 0 and no temperature calibrates this model on this val set: T = 1 is "
+            "kept. A larger or harder val set (data.val_split) gives one that means something.",
+        )
     u = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([u], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
-    def temperature() -> torch.Tensor:
-        return (LOG_T_BOUND * torch.tanh(u)).exp()
+    def log_temperature() -> torch.Tensor:
+        return LOG_T_BOUND * torch.tanh(u)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = nll(logits / temperature(), target, activation)
+        loss = nll(logits / log_temperature().exp(), target, activation)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(temperature().detach())
+    log_t = float(log_temperature().detach())
+    if abs(log_t) >= LOG_T_BOUND - 0.01:
+        return TemperatureFit(
+            1.0,
+            f"the val NLL is lowest at T = {math.exp(log_t):.3g}, the search's bound, so "
+            "no temperature in range calibrates this model on this val set: T = 1 is kept.",
+        )
+    return TemperatureFit(math.exp(log_t))

@@ -229,7 +229,8 @@ class ClassificationTask(Task):
         activation = self.loss_fn.activation
         before = self.calibration.compute()
         nll_before = float(nll(logits, targets, activation))
-        self.temperature = fit_temperature(logits, targets, activation)
+        fit = fit_temperature(logits, targets, activation)
+        self.temperature = fit.temperature
         # The pass's statistics and binary scores again, through the new temperature.
         probs = probabilities(logits / self.temperature, activation)
         self.calibration.reset()
@@ -247,6 +248,7 @@ class ClassificationTask(Task):
             "val_nll_after": float(nll(logits / self.temperature, targets, activation)),
             "val_brier_before": before["brier"],
             "val_brier_after": after["brier"],
+            **({"note": fit.note} if fit.note else {}),
         }
         return {"temperature": self.temperature, "calibration": self.calibration_info}
 

@@ -238,7 +238,8 @@ class MultilabelTask(Task):
     def _fit_temperature(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
         before = self._calibration(torch.sigmoid(logits / self.temperature), targets.long())
         nll_before = float(nll(logits / self.temperature, targets, "sigmoid"))
-        self.temperature = fit_temperature(logits, targets, "sigmoid")
+        fit = fit_temperature(logits, targets, "sigmoid")
+        self.temperature = fit.temperature
         after = self._calibration(torch.sigmoid(logits / self.temperature), targets.long())
         self.calibration_info = {
             "method": "temperature",
@@ -249,6 +250,7 @@ class MultilabelTask(Task):
             "val_nll_after": float(nll(logits / self.temperature, targets, "sigmoid")),
             "val_brier_before": before["brier"],
             "val_brier_after": after["brier"],
+            **({"note": fit.note} if fit.note else {}),
         }
         return {"temperature": self.temperature, "calibration": self.calibration_info}
 
