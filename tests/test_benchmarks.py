@@ -305,3 +305,11 @@ def test_mnist_recipe_quick_prints_the_table(tmp_path: Path) -> None:
         assert re.search(
             rf"^\| {re.escape(row)} \| \d+ \| \d\.\d{{4}} ± \d\.\d{{4}} \| \d+ \|$", out, re.M
         ), out
+
+
+@pytest.mark.slow
+def test_async_save_quick_prints_the_table(tmp_path: Path) -> None:
+    out = run_quick("async_save.py", tmp_path).stdout
+    assert "1 periodic saves (every 5)" in out, out
+    for variant in ("no periodic save", "sync", "async"):
+        assert re.search(rf"^\| {variant} \| \d+\.\d\d \| ", out, re.M), out

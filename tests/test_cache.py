@@ -30,9 +30,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
     real = images.decode_file
 
-    def counting(path, channels=3):
+    def counting(path, channels=3, target=None):
         calls.append(Path(path))
-        return real(path, channels)
+        return real(path, channels, target)
 
     monkeypatch.setattr(images, "decode_file", counting)
     return calls

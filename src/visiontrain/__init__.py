@@ -24,11 +24,13 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from visiontrain import data
     from visiontrain.api import (
         Predictor,
+        ProfileResult,
         Run,
         TrainResult,
         build_trainer,
         evaluate,
         load,
+        profile,
         resolve_config,
         train,
     )
@@ -56,6 +58,8 @@ _EXPORTS = {
     "Run": "visiontrain.api",
     "TrainResult": "visiontrain.api",
     "Predictor": "visiontrain.api",
+    "profile": "visiontrain.api",
+    "ProfileResult": "visiontrain.api",
     "Config": "visiontrain.config",
     "Callback": "visiontrain.engine.callbacks",
     "register_model": "visiontrain.models.registry",
@@ -77,6 +81,7 @@ __all__ = [
     "DataError",
     "Interrupted",
     "Predictor",
+    "ProfileResult",
     "Run",
     "RunError",
     "TrainResult",
@@ -86,6 +91,7 @@ __all__ = [
     "data",
     "evaluate",
     "load",
+    "profile",
     "register_loss",
     "register_model",
     "register_source",

@@ -28,19 +28,27 @@ from visiontrain.config import (
 from visiontrain.data import build_data
 from visiontrain.data.pipeline import build_loaders
 from visiontrain.data.user import SOURCE_NAME, DatasetSource
+from visiontrain.engine.autobatch import batch_from_checkpoint
 from visiontrain.engine.callbacks import Callback, Checkpointer, EarlyStopping
 from visiontrain.engine.checkpoint import load_checkpoint
-from visiontrain.engine.distributed import Dist, current, distributed_session
+from visiontrain.engine.distributed import (
+    Dist,
+    current,
+    distributed_session,
+    refuse_distributed,
+)
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.evaluate import evaluate as evaluate_loop
+from visiontrain.engine.fsdp import apply_fsdp, check_fsdp
 from visiontrain.engine.parts import build_parts, buildable_optim, updates_per_epoch
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.restore import Loaded, load_trained
 from visiontrain.engine.schedules import Horizon, build_schedule
+from visiontrain.engine.sharded import read_state
 from visiontrain.engine.signals import StopFlag, graceful_stop
 from visiontrain.engine.trainer import Trainer
 from visiontrain.engine.wrap import TrainModel
-from visiontrain.errors import ConfigError, UserError
+from visiontrain.errors import ConfigError, RunError, UserError
 from visiontrain.export.artifact import Exported
 from visiontrain.io import atomic_write_json, atomic_write_text
 from visiontrain.models.build import user_model_name
@@ -49,17 +57,22 @@ from visiontrain.report import write_report
 from visiontrain.report.samples import SampleSource
 from visiontrain.rundir import (
     BEST_CHECKPOINT,
+    BEST_SHARDED,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     ENV_FILE,
     LAST_CHECKPOINT,
+    LAST_SHARDED,
     METRICS_FILE,
     SUMMARY_FILE,
     TB_DIR,
+    is_sharded,
     plan_run,
+    tool_dir,
 )
 from visiontrain.tasks import build_task
 from visiontrain.tools.lr_find import resolve_lr_find, write_lr_find
+from visiontrain.tools.profile import PROFILE_DIR, ProfileDone, ProfileWindow
 from visiontrain.tracking.envinfo import environment
 from visiontrain.tracking.jsonl import JsonlLogger
 from visiontrain.tracking.progress import ProgressPrinter, choose_mode
@@ -74,6 +87,8 @@ def assemble(
     model: nn.Module | None = None,
     data: DatasetSource | None = None,
     callbacks: Sequence[Callback] = (),
+    profile_into: Path | None = None,
+    profile_title: str | None = None,
 ) -> Trainer | None:
     """Build everything for ``visiontrain train``; with ``check_only`` stop before writing.
 
@@ -90,6 +105,10 @@ def assemble(
         model: A user's own ``nn.Module`` instead of ``model.name``.
         data: A user's Datasets (``vt.data.from_datasets``) instead of ``data.name``.
         callbacks: A user's callbacks, run after the built-in ones.
+        profile_into: ``visiontrain profile``: the folder for the ``train.profile_steps``
+            window's files, and the run ends with the window (:class:`ProfileDone`);
+            None writes them to ``<run>/profile/`` and trains on.
+        profile_title: What the window's printout calls it.
     """
     user_callbacks = _check_callbacks(callbacks)
     if model is not None:
@@ -110,6 +129,13 @@ def assemble(
             f"optim.lr=find with a resumed run ({plan.resume_from}): the run's learning rate "
             "is already fixed. Pass the number from its config.yaml as optim.lr."
         )
+    check_fsdp(cfg)
+    resume_state = None
+    if plan.resume_from is not None and cfg.data.batch_size == "auto":
+        # The run's batch was fixed when it started: a new search could answer otherwise
+        # (another GPU, another process count), and the resume would train another run.
+        resume_state = dist.run_on_main(lambda: _read_resume(plan.resume_from))
+        cfg.data.batch_size = batch_from_checkpoint(resume_state, plan.resume_from)
     parts = build_parts(cfg, model, data, start_from_weights=plan.resume_from is None)
     device, bundle, task, model = parts.device, parts.bundle, parts.task, parts.model
     optimizer, loaders = parts.optimizer, parts.loaders
@@ -120,9 +146,8 @@ def assemble(
     )
     schedule = build_schedule(optimizer, cfg.schedule, buildable_optim(cfg.optim), horizon)
     precision = Precision(cfg.train.precision, device)
-    resume_state = (
-        dist.run_on_main(lambda: load_checkpoint(plan.resume_from)) if plan.resume_from else None
-    )
+    if resume_state is None and plan.resume_from is not None:
+        resume_state = dist.run_on_main(lambda: _read_resume(plan.resume_from))
     changes: list[tuple[str, Any, Any]] = []
     if resume_state is not None:
         changes = _check_resume_config(resume_state, cfg, plan.resume_from)
@@ -159,6 +184,8 @@ def assemble(
         cfg.run.save_every_steps,
         dist.is_main,
         cfg.run.save_every_minutes,
+        cfg.run.async_save,
+        sharded=cfg.train.strategy == "fsdp",
     )
     callbacks: list[Callback] = []
     if dist.is_main:  # one writer of logs and one progress display per job
@@ -173,6 +200,38 @@ def assemble(
         es = cfg.train.early_stopping
         callbacks.append(EarlyStopping(es.patience, es.min_delta))
     callbacks.extend(user_callbacks)
+    window = cfg.train.profile_window()
+    if window is not None and dist.is_main:
+        # Last, so that every other callback's work falls inside the profiled steps.
+        callbacks.append(
+            ProfileWindow(
+                *window,
+                profile_into or run_dir / PROFILE_DIR,
+                console,
+                stop_at_end=profile_into is not None,
+                title=profile_title,
+            )
+        )
+    # The EMA's copy is taken from the plain module; under FSDP both are then sharded alike.
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
+    fsdp = cfg.train.strategy == "fsdp"
+    if fsdp and dist.enabled:
+        parts.notes.append(
+            apply_fsdp(
+                model,
+                optimizer,
+                ema.module if ema is not None else None,
+                cfg.train.precision,
+                dist,
+                device,
+            )
+        )
+    elif fsdp:
+        parts.notes.append(
+            "train.strategy=fsdp in one process: nothing to shard, the model trains whole; "
+            "checkpoints are sharded folders (checkpoints/last.dcp/), which any number of "
+            "processes resumes"
+        )
     trainer = Trainer(
         cfg=cfg,
         run_dir=run_dir,
@@ -189,8 +248,10 @@ def assemble(
         callbacks=callbacks,
         console=console,
         stop_flag=stop_flag,
-        train_model=TrainModel(model, dist, device, cfg.train.compile, _say(console, dist)),
-        ema=ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None,
+        train_model=TrainModel(
+            model, dist, device, cfg.train.compile, _say(console, dist), sharded=fsdp
+        ),
+        ema=ema,
         dist=dist,
         freeze=parts.freeze,
         weights_info=[r.to_dict() for r in parts.weights],
@@ -222,7 +283,8 @@ def assemble(
         parts.notes.append(FP16_ON_CPU)
     if dist.enabled:
         parts.notes.append(
-            f"DDP: {dist.world_size} processes ({dist.backend}), {cfg.data.batch_size} images "
+            f"{'FSDP' if fsdp else 'DDP'}: {dist.world_size} processes ({dist.backend}), "
+            f"{cfg.data.batch_size} images "
             f"per process per step: global batch {cfg.data.batch_size * dist.world_size}"
             + (f" x {cfg.train.accumulate} accumulated" if cfg.train.accumulate > 1 else "")
         )
@@ -236,6 +298,14 @@ FP16_ON_CPU = (
     "runs about 10x slower than fp32 here (42 vs 405 img/s measured, defects/simple_cnn, "
     "one thread); use train.precision=bf16 (630 img/s) or 32 on the CPU"
 )
+
+
+def _read_resume(path: Path) -> dict[str, Any]:
+    """A checkpoint's state to resume from; of a sharded folder, its ``state.pt``.
+
+    Each rank reads its shards of a sharded checkpoint later, in ``Trainer.load_state``.
+    """
+    return read_state(path) if is_sharded(path) else load_checkpoint(path)
 
 
 def _check_resume_config(
@@ -300,6 +370,7 @@ def _check_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
     """
     out: list[Callback] = []
     seen = {"checkpointer", "jsonl", "tensorboard", "mlflow", "progress", "early_stopping"}
+    seen.add(ProfileWindow.name)
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise ConfigError(
@@ -565,11 +636,13 @@ class Run:
     def _result(run_dir: Path, summary: dict[str, Any], rank: int) -> TrainResult:
         folder = run_dir / CHECKPOINTS_DIR
         best, last = folder / BEST_CHECKPOINT, folder / LAST_CHECKPOINT
+        if not last.is_file() and is_sharded(folder / LAST_SHARDED):  # train.strategy=fsdp
+            best, last = folder / BEST_SHARDED, folder / LAST_SHARDED
         return TrainResult(
             run_dir,
             summary,
-            best if best.is_file() else None,
-            last if last.is_file() else None,
+            best if best.is_file() or is_sharded(best) else None,
+            last if last.is_file() or is_sharded(last) else None,
             rank,
         )
 
@@ -661,6 +734,125 @@ def train(
         keys["model"], model = model, None
     cfg = resolve_config(config, overrides, keys)
     return Run(cfg, model, data, callbacks).fit()
+
+
+@dataclass
+class ProfileResult:
+    """What ``visiontrain profile`` measured and where it wrote it.
+
+    Attributes:
+        folder: Holds ``trace.json`` (Chrome trace), ``tb/`` (TensorBoard profile),
+            ``profile.json`` (these numbers) and ``run/`` (the profiled run's config.yaml
+            and logs).
+        report: ``profile.json``'s contents: ``step_ms``, ``samples_per_s``, ``phases``
+            (``name``, ``label``, ``ms`` and ``share`` per step), ``top_operators``,
+            ``flops``, on CUDA ``cuda`` (memory, kernels), and ``advice``.
+    """
+
+    folder: Path
+    report: dict[str, Any]
+
+    @property
+    def advice(self) -> list[dict[str, Any]]:
+        """Each finding with its fix (``rule``, ``finding``, ``fix``, ``keys``)."""
+        return self.report["advice"]
+
+
+def profile(
+    config: ConfigLike = None,
+    *overrides: str,
+    warmup: int = 3,
+    steps: int = 10,
+    out: str | Path | None = None,
+    model: nn.Module | None = None,
+    data: DatasetSource | None = None,
+    console: Console | None = None,
+    **keys: Any,
+) -> ProfileResult:
+    """Where a training step's time goes, as ``visiontrain profile`` prints it.
+
+    Builds the run as :func:`train` does and trains ``warmup`` updates, then ``steps``
+    updates under ``torch.profiler`` (the trainer's own steps: loader, batch preparation,
+    forward, backward, update, logging), prints the breakdown, the top operators,
+    samples/s (on CUDA memory and MFU) and advice, and stops.
+
+    Example:
+        >>> result = vt.profile(None, "data.num_workers=0", steps=5)  # doctest: +SKIP
+        >>> [(p["name"], round(p["share"], 2)) for p in result.report["phases"]]  # doctest: +SKIP
+
+    Args:
+        config: A YAML path, a config dict, a :class:`Config`, or None (the defaults).
+        *overrides: Dotted ``key=value`` strings.
+        warmup: Updates before the measured ones (compilation, caches, allocator).
+        steps: Updates measured (at least 1).
+        out: The output folder; default ``run.dir/run.name``, else
+            ``run.dir/profile-<data>-<timestamp>``. It must be new or empty.
+        model: Your own module instead of ``model.name`` (see :func:`build_trainer`).
+        data: Your own Datasets instead of ``data.name``.
+        console: Where the breakdown is printed (default: the terminal).
+        **keys: Sections as dicts (``train={"precision": "bf16"}``).
+
+    Returns:
+        The output folder and ``profile.json``'s numbers.
+
+    Raises:
+        ConfigError: a bad key or value, ``steps`` below 1, ``warmup`` below 0,
+            ``run.resume`` or ``train.profile_steps`` set, an ``out`` folder in use.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps {steps}: measure at least 1 step, such as --steps 10.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"--warmup {warmup}: use 0 or more warm-up steps, such as --warmup 3.")
+    refuse_distributed("profile")
+    refuse_tune_keys(overrides)
+    cfg = resolve_config(config, overrides, keys)
+    if cfg.run.resume is not None:
+        raise ConfigError(
+            f"run.resume={cfg.run.resume} has no meaning for profile, which profiles a fresh "
+            "build of the config. Remove run.resume."
+        )
+    if cfg.train.profile_steps is not None:
+        raise ConfigError(
+            f"train.profile_steps={cfg.train.profile_steps} profiles a window of `visiontrain "
+            "train`; profile takes --warmup and --steps instead. Remove train.profile_steps."
+        )
+    folder = Path(out).expanduser() if out is not None else tool_dir(cfg, "profile")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(
+            f"the output folder {folder} (--out, or run.dir/run.name) already holds files; "
+            "profile writes trace.json, tb/, profile.json and run/ into a new or empty "
+            "folder. Choose another."
+        )
+    cfg.run.dir, cfg.run.name = str(folder), "run"
+    cfg.train.profile_steps = f"{warmup}:{warmup + steps}"
+    # Long enough for the warm-up, the window and (CUDA) one update to count FLOPs on.
+    cfg.train.min_updates = max(cfg.train.min_updates or 0, warmup + steps + 1)
+    console = console or Console(highlight=False, soft_wrap=True)
+    with graceful_stop() as flag:
+        trainer = assemble(
+            cfg,
+            console,
+            flag,
+            model=model,
+            data=data,
+            profile_into=folder,
+            profile_title=f"visiontrain profile --warmup {warmup} --steps {steps}",
+        )
+        assert trainer is not None
+        try:
+            trainer.fit()
+        except ProfileDone:
+            pass
+        finally:
+            for cb in trainer.callbacks:
+                cb.close()
+    window = next(cb for cb in trainer.callbacks if isinstance(cb, ProfileWindow))
+    if window.report is None:
+        raise RunError(
+            f"the run ended (early stopping?) before step {warmup + steps}; nothing was "
+            "profiled. Lower --warmup/--steps or turn train.early_stopping off."
+        )
+    return ProfileResult(folder, window.report)
 
 
 def evaluate(

@@ -103,6 +103,19 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    """Profile the configured training's steps (``vt.profile``); the last line is the folder."""
+    from visiontrain.api import profile
+    from visiontrain.config import split_items
+
+    path, overrides = split_items(args.items)
+    # Unset options keep vt.profile's defaults, which the help text quotes.
+    counts = {k: v for k, v in (("warmup", args.warmup), ("steps", args.steps)) if v is not None}
+    result = profile(path, *overrides, out=args.out, console=console, **counts)
+    print(result.folder, flush=True)
+    return EXIT_OK
+
+
 def cmd_config_show(args: argparse.Namespace, console: Console) -> int:
     """Print the fully resolved config: every key, source defaults filled in."""
     from visiontrain.config import load_config, split_items
@@ -371,6 +384,27 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         help="an unreadable image: stop (raise, default) or report it and predict the rest",
     )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "profile",
+        help="where a training step's time goes: loader, copy, forward, backward, optimizer",
+        description="Train the config for --warmup updates, then --steps updates under "
+        "torch.profiler, through the trainer's own step, and print where a step's time goes "
+        "(waiting for the loader, host-to-device copy, forward, backward, optimizer, logging; "
+        "all-reduce under DDP), the top operators, samples/s, on CUDA peak memory and model "
+        "FLOPs utilisation, and advice tied to the numbers. Writes trace.json (Chrome trace), "
+        "tb/ (TensorBoard profile) and profile.json to --out (default run.dir/run.name, else "
+        "run.dir/profile-<data>-<timestamp>); the last line printed is that folder. "
+        "train.profile_steps=a:b profiles a window of a `visiontrain train` run instead.",
+        epilog="Example: visiontrain profile configs/defects.yaml data.num_workers=2 --steps 20",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="updates before the measured ones (default 3)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="updates measured (default 10)")
+    p.add_argument("--out", default=None, help="output folder (new or empty)")
+    p.set_defaults(func=cmd_profile)
     for verb, (module, summary) in TOOL_VERBS.items():
         if only is None or only == verb:
             importlib.import_module(module).add_parser(sub)

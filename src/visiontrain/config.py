@@ -50,7 +50,8 @@ class DataConfig(_Section):
     name: str = "defects"
     root: str | None = None
     image_size: int | None = Field(None, ge=8, le=4096)
-    batch_size: int = Field(64, ge=1, le=65536)
+    # `auto`: on CUDA the largest batch whose training step fits (engine/autobatch.py).
+    batch_size: int | Literal["auto"] = 64
     # `auto`: a short loader measurement at build time picks the count (visiontrain.tools.bench).
     num_workers: int | Literal["auto"] = 0
     pin_memory: bool | None = None
@@ -88,6 +89,21 @@ class DataConfig(_Section):
     train_fraction: float | None = Field(None, gt=0.0, le=1.0)
     defect_rate: float | None = Field(None, gt=0.0, lt=1.0)
     defect_classes: Literal["binary", "types", "multilabel"] | None = None
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_count_or_auto(cls, value: Any) -> Any:
+        # As for num_workers: one error that names both accepted forms.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # as the plain int field took it (a quoted YAML number)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+            raise ValueError(
+                "use an integer from 1 to 65536 such as 64, or `auto` to search (on CUDA) "
+                "for the largest batch whose training step fits in GPU memory"
+            )
+        return value
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -198,6 +214,30 @@ class OptimConfig(_Section):
     backbone_lr_factor: float | None = Field(None, gt=0.0, le=1.0)
     # Layer-wise LR decay (timm's grouping): layer k of L trains at layer_decay^(L-1-k) x lr.
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    # Scale optim.lr with the batch per update: lr x (batch / lr_batch), or its square root.
+    lr_scale: Literal["none", "linear", "sqrt"] = "none"
+    # The batch per update (images over all processes and accumulation) optim.lr is for.
+    lr_batch: int | None = Field(None, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _lr_scale_rule(self) -> OptimConfig:
+        if self.lr_scale != "none" and self.lr_batch is None:
+            raise ValueError(
+                f"optim.lr_scale={self.lr_scale} needs optim.lr_batch, the batch size (images "
+                "per update) that optim.lr was tuned for, e.g. optim.lr_batch=256"
+            )
+        if self.lr_scale == "none" and self.lr_batch is not None:
+            raise ValueError(
+                "optim.lr_batch is set but optim.lr_scale=none, so it would be ignored; set "
+                "optim.lr_scale=linear or sqrt, or remove optim.lr_batch"
+            )
+        if self.lr_scale != "none" and self.lr == "find":
+            raise ValueError(
+                "optim.lr=find measures the LR at the run's own batch; scaling it "
+                f"(optim.lr_scale={self.lr_scale}) would move it off the measurement. Remove "
+                "optim.lr_scale and optim.lr_batch, or give optim.lr a number"
+            )
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -273,6 +313,9 @@ class TrainConfig(_Section):
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     sync_bn: bool = False
+    # Under torchrun: `ddp` replicates the model, `fsdp` shards parameters, gradients and
+    # optimizer state (FSDP2) and writes sharded checkpoints (engine/fsdp.py, sharded.py).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     monitor: str | None = None
     # `auto`: chosen on val after training (best_f1) where a task has decision thresholds
     # (binary classification, multilabel per class), the remedy for a rare class.
@@ -283,6 +326,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    # `a:b`: profile the updates from step a to step b with torch.profiler (tools/profile.py).
+    profile_steps: str | None = None
     on_nan: Literal["raise", "skip", "rollback"] = "raise"
     max_nan_skips: int = Field(3, ge=1, le=10_000)
     nan_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
@@ -309,6 +354,43 @@ class TrainConfig(_Section):
         # YAML reads `precision: 32` as an int; the key is a name, so accept both.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
+    @field_validator("profile_steps", mode="before")
+    @classmethod
+    def _profile_window_text(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 60:
+            # YAML 1.1 reads `1:3` as the base-60 integer 63 (and `10:20` as 620); its
+            # base-60 digits are the numbers that were written.
+            sign, rest, digits = "-" if value < 0 else "", abs(value), []
+            while rest:
+                rest, digit = divmod(rest, 60)
+                digits.append(str(digit))
+            value = sign + ":".join(reversed(digits))
+        elif isinstance(value, list | tuple):
+            value = ":".join(str(v) for v in value)
+        text = str(value).strip()
+        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if match is None:
+            raise ValueError(
+                f"read as {text!r}; write two step numbers a:b such as 10:20 (profiles from "
+                "step 10 to step 20), non-negative integers with a < b"
+            )
+        first, last = int(match[1]), int(match[2])
+        if first >= last:
+            raise ValueError(
+                f"{first}:{last} profiles nothing: the first step must come before the last "
+                f"(a < b), such as {first}:{first + 10}"
+            )
+        return f"{first}:{last}"
+
+    def profile_window(self) -> tuple[int, int] | None:
+        """``train.profile_steps`` as ``(a, b)``: profile from step a to step b; or None."""
+        if self.profile_steps is None:
+            return None
+        first, last = self.profile_steps.split(":")
+        return int(first), int(last)
+
 
 # `recall>=0.9`: the highest threshold that keeps val recall at or above 0.9.
 THRESHOLD_TARGET = re.compile(r"(recall|precision)>=(0?\.\d+|1(\.0*)?)")
@@ -323,6 +405,8 @@ class RunConfig(_Section):
     keep_last: int = Field(2, ge=0, le=1000)
     save_every_steps: int | None = Field(None, ge=1)
     save_every_minutes: float | None = Field(None, gt=0.0, le=10_080.0)
+    # Copy the state to host memory at the step, write the file on a background thread.
+    async_save: bool = False
     report: bool = True
     loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = ["jsonl", "tensorboard"]
     mlflow_uri: str | None = None
@@ -722,6 +806,8 @@ _OPTIONAL_FIELDS: dict[type[BaseModel], set[str]] = {
     m: _optional_fields(m)
     for m in (DataConfig, ModelConfig, LossConfig, OptimConfig, ScheduleConfig)
 }
+# The LR rule's reference batch is read for every optimizer, not an option of one.
+_OPTIONAL_FIELDS[OptimConfig].discard("lr_batch")
 
 
 def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
@@ -749,6 +835,7 @@ RESUMABLE_CHANGES = (
     "train.max_nan_skips",
     "train.max_rollbacks",
     "train.nan_lr_factor",
+    "train.profile_steps",
     "data.root",
     # The initial weights are read only when a run starts, never on a resume.
     "model.weights",

@@ -5,6 +5,7 @@ Every module that reads or writes a run file takes its name from here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,14 @@ TB_DIR = "tb"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+# train.strategy=fsdp writes each checkpoint as a folder of shards (engine/sharded.py):
+# DCP's files plus SHARDED_STATE, the non-tensor state with the manifest of the shards.
+SHARDED_SUFFIX = ".dcp"
+LAST_SHARDED = "last.dcp"
+BEST_SHARDED = "best.dcp"
+SHARDED_STATE = "state.pt"
+# A commit renames the previous folder to NAME.old, then NAME.partial to NAME.
+SHARDED_ASIDE = ".old"
 EXPORT_DIR = "export"
 LR_FIND_JSON = "lr_find.json"
 LR_FIND_PNG = "lr_find.png"
@@ -55,19 +64,46 @@ def plan_run(cfg: Config) -> RunPlan:
             )
         return RunPlan(run_dir, None)
     if resume == "auto":
-        last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
-        return RunPlan(run_dir, last if last.is_file() else None)
+        return RunPlan(run_dir, last_checkpoint(run_dir, cfg.train.strategy))
     path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINTS_DIR / LAST_CHECKPOINT
-    if not path.is_file():
+    if path.is_dir() and not is_sharded(path):
+        path = last_checkpoint(path, cfg.train.strategy) or path / CHECKPOINTS_DIR / LAST_CHECKPOINT
+    if not (path.is_file() or is_sharded(path)):
         raise UserError(
-            f"run.resume={resume}: no checkpoint at {path}. Pass a .pt file, a run "
-            "directory, or run.resume=auto."
+            f"run.resume={resume}: no checkpoint at {path}. Pass a .pt file, a .dcp folder "
+            "(train.strategy=fsdp), a run directory, or run.resume=auto."
         )
     if path.parent.name == CHECKPOINTS_DIR:
         run_dir = path.parent.parent
     return RunPlan(run_dir, path)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a committed sharded checkpoint folder (``NAME.dcp/``).
+
+    A commit interrupted between its two renames (killed there) left no ``NAME.dcp`` but
+    the complete previous one as ``NAME.dcp.old``: it is renamed back here, so the
+    previous checkpoint is the one found.
+    """
+    aside = path.with_name(path.name + SHARDED_ASIDE)
+    if path.suffix == SHARDED_SUFFIX and not path.exists() and (aside / SHARDED_STATE).is_file():
+        with contextlib.suppress(OSError):  # another process may have renamed it first
+            aside.rename(path)
+    return path.is_dir() and (path / SHARDED_STATE).is_file()
+
+
+def last_checkpoint(run_dir: Path, strategy: str) -> Path | None:
+    """The run's ``checkpoints/last.pt`` or ``last.dcp/`` (first under fsdp), if any.
+
+    The other strategy's file is found too: resuming it with the wrong ``train.strategy``
+    is then refused by the config check, instead of starting the run over.
+    """
+    folder = run_dir / CHECKPOINTS_DIR
+    file, sharded = folder / LAST_CHECKPOINT, folder / LAST_SHARDED
+    for path in (sharded, file) if strategy == "fsdp" else (file, sharded):
+        if path.is_file() or is_sharded(path):
+            return path
+    return None
 
 
 def tool_dir(cfg: Config, prefix: str) -> Path:

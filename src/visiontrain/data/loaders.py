@@ -323,6 +323,13 @@ def build_loader(
     Training shards are padded to equal length across ranks; evaluation shards are not, so
     that every sample is evaluated exactly once (the trainer gathers the results).
     """
+    if not isinstance(cfg.batch_size, int):
+        # `auto` is searched on the training step when a run is built (engine.parts).
+        raise ConfigError(
+            "data.batch_size=auto is resolved only where a run is built on CUDA (train, "
+            "lr-find, doctor, bench amp); this command reads batches of a size it is given. "
+            "Pass an integer, e.g. data.batch_size=64."
+        )
     transform = pair_transform(task, cfg, bundle, train)
     dataset = AugmentedDataset(split, transform, seed, cfg.on_error)
     weights = (

@@ -157,6 +157,13 @@ class PreparedSplit(Split):
         """Decode and check sample ``index``: uint8 (C, H, W) image and uint8 (H, W) mask."""
         raise NotImplementedError
 
+    def decode_for_working_size(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`decode`, as :meth:`prepared` calls it.
+
+        A split whose targets do not depend on the decoded size may decode less here.
+        """
+        return self.decode(index)
+
     def make_target(
         self,
         index: int,
@@ -175,7 +182,7 @@ class PreparedSplit(Split):
         """Prepared image, prepared mask (or None) and the decoded (H, W) of sample ``index``."""
         if self.store is not None:
             return self.store.get(index)  # type: ignore[attr-defined]
-        image, mask = self.decode(index)
+        image, mask = self.decode_for_working_size(index)
         decoded_hw = (int(image.shape[-2]), int(image.shape[-1]))
         if self.working_size is not None:
             image, mask = _prepare(image, self.working_size, self.fit, mask)
@@ -218,6 +225,23 @@ class FileSplit(PreparedSplit):
         from visiontrain.data import images
 
         return images.decode_file(self.paths[index], self.channels), None
+
+    def decode_for_working_size(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode at reduced scale where the file is much larger than it is prepared to.
+
+        Classification and regression targets do not depend on the image's size, so the
+        decoded size may be the reduced one.
+        """
+        from visiontrain.data import images
+
+        target = None if self.working_size is None else (self.working_size, self.fit)
+        return images.decode_file(self.paths[index], self.channels, target), None
+
+    def prepare_settings(self) -> tuple[object, ...]:  # noqa: D102
+        # Reduced-scale decoding changes the prepared pixels (slightly): part of the key.
+        from visiontrain.data.images import DRAFT_FACTOR
+
+        return (*super().prepare_settings(), f"draft{DRAFT_FACTOR}")
 
     def make_target(  # noqa: D102
         self,

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visiontrain.engine.async_save import AsyncWriter, snapshot
 from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from visiontrain.engine.sharded import read_state, remove_sharded, rewrite_state, save_sharded
 from visiontrain.io import atomic_link
-from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
+from visiontrain.rundir import (
+    BEST_CHECKPOINT,
+    BEST_SHARDED,
+    LAST_CHECKPOINT,
+    LAST_SHARDED,
+    SHARDED_SUFFIX,
+    is_sharded,
+)
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer
@@ -72,8 +82,14 @@ class Checkpointer(Callback):
         save_every_steps: int | None,
         write: bool = True,
         save_every_minutes: float | None = None,
+        async_save: bool = False,
+        sharded: bool = False,
     ) -> None:
         self.folder = folder
+        # train.strategy=fsdp: every rank writes its shards into NAME.dcp/ (engine/sharded.py).
+        self.sharded = sharded
+        # run.async_save: rank 0's files are written by a background thread.
+        self.writer = AsyncWriter() if async_save and write else None
         self.save_every_minutes = save_every_minutes
         self._last_save = time.monotonic()
         # Under DDP every rank builds the state (it gathers each rank's RNG), rank 0 writes.
@@ -85,14 +101,58 @@ class Checkpointer(Callback):
         self.best_step: int | None = None
         self.best_metrics: dict[str, Any] | None = None
 
-    def save_last(self, trainer: Trainer) -> Path:
-        """Write last.pt now (also used on SIGINT/SIGTERM)."""
-        path = self.folder / LAST_CHECKPOINT
+    def save_last(self, trainer: Trainer, wait: bool = False) -> Path:
+        """Write last.pt now (also used on SIGINT/SIGTERM, with ``wait``).
+
+        Args:
+            trainer: the trainer whose state is saved.
+            wait: return only once the file is written, also under ``run.async_save``.
+        """
+        path = self.last_path
         state = trainer.checkpoint_state()
-        if self.write:
-            save_checkpoint(path, state)
+        if self.sharded:
+            save_sharded([path], state, trainer.dist)
+        elif self.write:
+            self._write(path.name, state, lambda s: save_checkpoint(path, s))
+            if wait:
+                self.flush()
         self._last_save = time.monotonic()
         return path
+
+    @property
+    def last_path(self) -> Path:
+        """``last.pt``, or ``last.dcp/`` when checkpoints are sharded."""
+        return self.folder / (LAST_SHARDED if self.sharded else LAST_CHECKPOINT)
+
+    @property
+    def best_path(self) -> Path:
+        """``best.pt``, or ``best.dcp/`` when checkpoints are sharded."""
+        return self.folder / (BEST_SHARDED if self.sharded else BEST_CHECKPOINT)
+
+    def exists(self, path: Path) -> bool:
+        """Whether the checkpoint ``path`` (a file or a committed sharded folder) exists."""
+        return is_sharded(path) if self.sharded else path.is_file()
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's state, verified; for a sharded one its ``state.pt`` alone.
+
+        A sharded checkpoint's tensors are read into the live model by
+        ``engine.sharded.load_sharded``.
+        """
+        return read_state(path) if self.sharded else load_checkpoint(path)
+
+    def _write(self, what: str, state: dict[str, Any], write: Callable[[dict], None]) -> None:
+        """Write now, or from a host copy on the background thread (``run.async_save``)."""
+        if self.writer is None:
+            write(state)
+            return
+        copy = snapshot(state)
+        self.writer.submit(what, lambda: write(copy))
+
+    def flush(self) -> None:
+        """Wait for the checkpoint write in flight (``run.async_save``); raise its failure."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def store_task_state(self, task_state: dict[str, Any]) -> None:
         """Write what the task chose after training (a threshold) into the kept weights.
@@ -103,8 +163,11 @@ class Checkpointer(Callback):
         """
         if not self.write:
             return
-        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
-            path = self.folder / name
+        self.flush()
+        for path in (self.best_path, self.last_path):
+            if self.sharded and is_sharded(path):
+                rewrite_state(path, {"task_state": task_state})
+                return
             if path.is_file():
                 state = load_checkpoint(path)
                 state["task_state"] = task_state
@@ -112,6 +175,8 @@ class Checkpointer(Callback):
                 return
 
     def on_update(self, trainer: Trainer) -> None:  # noqa: D102
+        if self.writer is not None:
+            self.writer.poll()  # a background write that failed ends the run here
         every = self.save_every_steps
         due = bool(every and trainer.global_step % every == 0)
         if self.save_every_minutes:
@@ -136,6 +201,9 @@ class Checkpointer(Callback):
             trainer.improved = True
         state = trainer.checkpoint_state()
         self._last_save = time.monotonic()
+        if self.sharded:
+            self._put_sharded(trainer, state)
+            return
         if not self.write:
             return
         # last.pt goes last: killed between two writes, a resume starts from the previous
@@ -143,22 +211,36 @@ class Checkpointer(Callback):
         # score whose best.pt was never written.
         # The same state goes to up to three names; it is written once and hard-linked to
         # the others (a copy where the filesystem cannot link), so an epoch costs one file.
-        written: Path | None = None
+        names = [BEST_CHECKPOINT] if trainer.improved else []
+        if self.keep_last > 0:
+            names.append(f"epoch-{trainer.epoch + 1:04d}.pt")
+        names.append(LAST_CHECKPOINT)
+        self._write(", ".join(names), state, lambda s: self._put_epoch(names, s))
 
-        def put(path: Path) -> None:
-            nonlocal written
+    def _put_sharded(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        """The epoch's sharded folders, in the order of :meth:`on_epoch_end` (every rank)."""
+        names = [BEST_SHARDED] if trainer.improved else []
+        if self.keep_last > 0:
+            names.append(f"epoch-{trainer.epoch + 1:04d}{SHARDED_SUFFIX}")
+        names.append(LAST_SHARDED)
+        save_sharded([self.folder / n for n in names], state, trainer.dist)
+        if self.write and self.keep_last > 0:
+            epochs = sorted(self.folder.glob(f"epoch-*{SHARDED_SUFFIX}"))
+            for old in epochs[: -self.keep_last]:
+                remove_sharded(old)
+
+    def _put_epoch(self, names: list[str], state: dict[str, Any]) -> None:
+        """Write ``state`` once under the first name and link it to the others, in order."""
+        written: Path | None = None
+        for name in names:
+            path = self.folder / name
             if written is None or not atomic_link(written, path):
                 save_checkpoint(path, state)
                 written = path
-
-        if trainer.improved:
-            put(self.folder / BEST_CHECKPOINT)
-        if self.keep_last > 0:
-            put(self.folder / f"epoch-{trainer.epoch + 1:04d}.pt")
-            epochs = sorted(self.folder.glob("epoch-*.pt"))
-            for old in epochs[: -self.keep_last]:
-                old.unlink(missing_ok=True)
-        put(self.folder / LAST_CHECKPOINT)
+            if name.startswith("epoch-"):
+                epochs = sorted(self.folder.glob("epoch-*.pt"))
+                for old in epochs[: -self.keep_last]:
+                    old.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

@@ -18,7 +18,17 @@ from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.data.user import DatasetSource
 from visiontrain.data.workers import resolve_num_workers, set_cpu_threads
-from visiontrain.engine.distributed import current
+from visiontrain.engine.autobatch import (
+    MAX_BATCH,
+    CudaMemory,
+    StepTrial,
+    describe,
+    find_batch_size,
+    held_bytes,
+    refuse_on_cpu,
+    sample_batch,
+)
+from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.freeze import FreezePhase, freeze_prefixes
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
@@ -106,19 +116,18 @@ def build_parts(
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    if cfg.data.batch_size == "auto":
+        refuse_on_cpu(device)  # before any data is read
     if cfg.data.num_workers != "auto":
         set_cpu_threads(device, cfg.data.num_workers)
     task_class(cfg.task)  # an unknown task is named before any data is read
     check_sampler(cfg.data, cfg.task)
     check_augment_on(cfg.data.augment_on, cfg.data.augment, cfg.task)
     bundle = data.build(cfg.data, cfg.task) if data is not None else build_data(cfg.data, cfg.task)
-    if cfg.data.num_workers == "auto":
-        # Resolved once, here: everything after this (threads, loaders, config.yaml, the
-        # checkpoint's config) sees the measured integer.
-        note = resolve_num_workers(cfg, bundle, device)
-        if note is not None:
-            bundle.notes.append(note)
-        set_cpu_threads(device, cfg.data.num_workers)
+    if cfg.data.batch_size != "auto":
+        # The loader is measured at the run's batch; with batch_size=auto that waits
+        # until the batch-size search below has answered.
+        _resolve_workers(cfg, bundle, device)
     # The config records what the source resolved (its default image size), so config.yaml
     # and every checkpoint hold the run's real settings, not "the default".
     cfg.data.image_size = bundle.image_size
@@ -140,6 +149,14 @@ def build_parts(
     if cfg.train.activation_checkpointing:
         notes.append(enable_activation_checkpointing(model, cfg.model.name))
     optimizer = build_optimizer(buildable_optim(cfg.optim), model)
+    if cfg.data.batch_size == "auto":
+        notes.append(resolve_batch_size(cfg, bundle, task, model, optimizer, device, dist))
+        _resolve_workers(cfg, bundle, device)
+    lr_note = resolve_lr_scale(cfg, dist.world_size)
+    if lr_note is not None:
+        notes.append(lr_note)
+        # The run trains at the scaled LR; the optimizer has no state yet to carry over.
+        optimizer = build_optimizer(buildable_optim(cfg.optim), model)
     loaders = build_loaders(cfg, bundle, device, dist.rank, dist.world_size)
     budget = resolve_min_updates(cfg, updates_per_epoch(cfg, loaders))
     if budget is not None:
@@ -163,6 +180,116 @@ def build_parts(
         # anyway), but each rank its own dropout and drop-path stream, repeatable per run.
         seed_everything(sample_seed(cfg.train.seed, 0, dist.rank) % 2**63)
     return Parts(device, bundle, task, model, optimizer, loaders, notes, freeze, weights)
+
+
+def _resolve_workers(cfg: Config, bundle: DataBundle, device: torch.device) -> None:
+    """``data.num_workers=auto``: measured once, written into ``cfg``, threads set after.
+
+    Everything after this (threads, loaders, config.yaml, the checkpoint's config) sees
+    the measured integer.
+    """
+    if cfg.data.num_workers != "auto":
+        return
+    note = resolve_num_workers(cfg, bundle, device)
+    if note is not None:
+        bundle.notes.append(note)
+    set_cpu_threads(device, cfg.data.num_workers)
+
+
+def resolve_batch_size(
+    cfg: Config,
+    bundle: DataBundle,
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    dist: Dist,
+) -> str:
+    """Resolve ``data.batch_size=auto`` in place by searching on the run's training step.
+
+    The step is the run's own (precision, clipping, batch preparation, activation
+    checkpointing and channels_last as configured); the search and its headroom rule are
+    :func:`visiontrain.engine.autobatch.search_batch`. It is capped at this process's
+    share of the training split and at :data:`MAX_BATCH`; every process takes the
+    smallest answer. The model, the optimizer and the RNGs are as they were afterwards.
+
+    Returns:
+        The note naming the chosen size.
+    """
+
+    def make_step() -> Step:
+        return _step(
+            cfg, bundle, device, model, task, optimizer, Precision(cfg.train.precision, device)
+        )
+
+    cap = max(1, min(MAX_BATCH, len(bundle.train) // dist.world_size))
+    trial = StepTrial(
+        make_step,
+        sample_batch(cfg, bundle),
+        CudaMemory(device),
+        # What the run holds beyond the search's step: DDP's buckets, the EMA's copy.
+        held_bytes(model, ddp=dist.enabled, ema=cfg.train.ema),
+    )
+    result = find_batch_size(trial, model, optimizer, cap, trial.meter, dist)
+    cfg.data.batch_size = result.batch
+    return describe(result, dist.world_size)
+
+
+def scaled_lr(lr: float, rule: str, batch: int, reference: int) -> float:
+    """``lr`` moved from a batch of ``reference`` to ``batch`` by ``rule``.
+
+    ``linear``: ``lr * batch / reference`` (Goyal et al. 2017, SGD); ``sqrt``:
+    ``lr * sqrt(batch / reference)`` (the rule usually kept for Adam-family optimizers);
+    ``none``: ``lr``.
+    """
+    ratio = batch / reference
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    return lr
+
+
+def resolve_lr_scale(cfg: Config, world_size: int = 1) -> str | None:
+    """``optim.lr_scale``: scale ``optim.lr`` from ``optim.lr_batch`` to the run's batch.
+
+    The batch is the one of an optimizer update: ``data.batch_size * processes *
+    train.accumulate``. The scaled LR is written into ``optim.lr`` and the run's batch
+    into ``optim.lr_batch``, so config.yaml (and every checkpoint) hold the pair the LR is
+    for: running that config again gives the same LR, and a resume is not a change.
+
+    Returns:
+        A note with the numbers, or None with ``optim.lr_scale=none``.
+
+    Raises:
+        ConfigError: the scaled LR leaves ``optim.lr``'s range (0, 10].
+    """
+    rule, reference, base = cfg.optim.lr_scale, cfg.optim.lr_batch, cfg.optim.lr
+    if rule == "none" or reference is None or not isinstance(base, float):
+        return None  # `find` with a rule is refused by the config itself
+    if not isinstance(cfg.data.batch_size, int):
+        raise ConfigError("optim.lr_scale: data.batch_size=auto must be resolved first.")
+    batch = cfg.data.batch_size * world_size * cfg.train.accumulate
+    lr = scaled_lr(base, rule, batch, reference)
+    if not 0.0 < lr <= 10.0:
+        raise ConfigError(
+            f"optim.lr_scale={rule} gives optim.lr={lr:g} ({base:g} at a batch of "
+            f"{reference}, now {batch} per update), outside (0, 10]. Lower optim.lr or "
+            "raise optim.lr_batch."
+        )
+    cfg.optim.lr = lr
+    cfg.optim.lr_batch = batch
+    how = ""
+    if batch != cfg.data.batch_size:
+        how = f" ({cfg.data.batch_size}"
+        how += f" x {world_size} processes" if world_size > 1 else ""
+        how += f" x {cfg.train.accumulate} accumulated" if cfg.train.accumulate > 1 else ""
+        how += ")"
+    return (
+        f"optim.lr_scale={rule}: optim.lr {base:g} for a batch of {reference} -> {lr:g} for "
+        f"this run's {batch} per update{how}; config.yaml records optim.lr={lr:g} with "
+        f"optim.lr_batch={batch}"
+    )
 
 
 def updates_per_epoch(cfg: Config, loaders: Loaders) -> int:
@@ -230,13 +357,33 @@ def build_step(
         optimizer: Step this optimizer instead of ``parts.optimizer``.
         precision: Run at this precision instead of ``train.precision`` (``bench amp``).
     """
-    model = model if model is not None else parts.model
-    return Step(
-        model,
+    return _step(
+        cfg,
+        parts.bundle,
+        parts.device,
+        model if model is not None else parts.model,
         parts.task,
         optimizer if optimizer is not None else parts.optimizer,
         precision if precision is not None else Precision(cfg.train.precision, parts.device),
-        build_prep(cfg, parts.bundle, parts.device),
+    )
+
+
+def _step(
+    cfg: Config,
+    bundle: DataBundle,
+    device: torch.device,
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+) -> Step:
+    """:func:`build_step` from its parts (the batch-size search runs before Parts exist)."""
+    return Step(
+        model,
+        task,
+        optimizer,
+        precision,
+        build_prep(cfg, bundle, device),
         grad_clip_norm=cfg.train.grad_clip_norm,
         grad_clip_value=cfg.train.grad_clip_value,
     )

@@ -13,18 +13,33 @@ from visiontrain.config import Config, build_config
 from visiontrain.data.sources import DataBundle
 from visiontrain.data.transforms import Normalizer
 from visiontrain.engine.checkpoint import eval_weights, load_checkpoint
+from visiontrain.engine.sharded import read_sharded
 from visiontrain.engine.step import BatchPrep
 from visiontrain.errors import CheckpointError, UserError
 from visiontrain.models.build import build_model, freeze_batch_norm, place, user_model_class
-from visiontrain.rundir import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
+from visiontrain.rundir import (
+    BEST_CHECKPOINT,
+    BEST_SHARDED,
+    CHECKPOINTS_DIR,
+    LAST_CHECKPOINT,
+    LAST_SHARDED,
+    is_sharded,
+)
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A run directory means its ``checkpoints/best.pt`` (else ``last.pt``)."""
+    """A run directory means its ``checkpoints/best.pt`` (else ``last.pt``).
+
+    A run trained with ``train.strategy=fsdp`` has ``best.dcp/`` and ``last.dcp/``
+    folders instead; such a folder may also be given itself.
+    """
     path = Path(target).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
             if (path / CHECKPOINTS_DIR / name).is_file():
+                return path / CHECKPOINTS_DIR / name
+        for name in (BEST_SHARDED, LAST_SHARDED):
+            if is_sharded(path / CHECKPOINTS_DIR / name):
                 return path / CHECKPOINTS_DIR / name
         raise UserError(f"{path} holds no checkpoints/best.pt or last.pt; is it a run directory?")
     if not path.exists():
@@ -71,7 +86,8 @@ def load_trained(
     """Rebuild the model of a checkpoint and load its weights (weights_only, verified).
 
     Args:
-        target: A run directory (its best.pt, else last.pt) or a checkpoint file.
+        target: A run directory (its best.pt, else last.pt) or a checkpoint file (or a
+            sharded checkpoint's ``.dcp`` folder).
         overrides: ``key=value`` changes to the checkpoint's config (``data.root=...``).
         model: The module to load the weights into; required for a checkpoint of a
             user's own module (its class is not something a checkpoint can rebuild).
@@ -81,7 +97,8 @@ def load_trained(
             needed but not given, or the weights do not fit the module.
     """
     path = resolve_checkpoint(target)
-    state = load_checkpoint(path)
+    # A sharded checkpoint (train.strategy=fsdp) is read whole, in this one process.
+    state = read_sharded(path) if is_sharded(path) else load_checkpoint(path)
     try:
         cfg = build_config(state["config"], overrides or [], source=f"config inside {path}")
         data = state["data"]

@@ -8,6 +8,11 @@ augmentation) reaches all of them.
 Nothing here reads a value back from the device unless asked: ``forward_backward`` returns
 detached device tensors, and ``update`` synchronises only for the NaN policy's decision
 (``check_finite``) or GradScaler's scale, once per update.
+
+The phases carry ``torch.profiler.record_function`` ranges (``vt/h2d``, ``vt/forward``,
+``vt/backward``, ``vt/optimizer``), which ``visiontrain profile`` and
+``train.profile_steps`` aggregate. A range is host-side bookkeeping that never waits for
+the device; without an active profiler it costs a few microseconds (docs/profile.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from visiontrain.data.device_augment import DeviceAugment
 from visiontrain.data.mix import BatchMixer
@@ -199,15 +206,19 @@ class Step:
             ``{"loss": ..., **parts}``, detached, on the device. With ``check_finite`` a
             non-finite loss is marked for :meth:`update`.
         """
-        x, y = self.prep.train_batch(batch["image"], batch["target"], epoch, index)
+        with record_function("vt/h2d"):
+            x, y = self.prep.train_batch(batch["image"], batch["target"], epoch, index)
         result: dict[str, dict[str, torch.Tensor]] = {}
 
         def run() -> None:
             with self._no_sync(sync):
-                with self.precision.autocast():
-                    out = self.task.forward(self.train_model, x, y)
-                losses = self.task.loss(out, y)
-                self.precision.scaler.scale(losses["loss"] * scale).backward()
+                with record_function("vt/forward"):
+                    with self.precision.autocast():
+                        out = self.task.forward(self.train_model, x, y)
+                    losses = self.task.loss(out, y)
+                # Under DDP the gradient all-reduce runs inside this range (its hooks).
+                with record_function("vt/backward"):
+                    self.precision.scaler.scale(losses["loss"] * scale).backward()
             result["losses"] = losses
 
         first_step = getattr(self.train_model, "first_step", None)
@@ -237,6 +248,11 @@ class Step:
             decide: With ``check_finite``, maps "this update is finite" to ``step``,
                 ``skip`` or ``rollback`` (the NaN policy).
         """
+        with record_function("vt/optimizer"):
+            return self._apply_update(want_norm, decide)
+
+    def _apply_update(self, want_norm: bool, decide: Decide | None) -> UpdateResult:
+        """The body of :meth:`update`, inside its profiler range."""
         scaler = self.precision.scaler
         check = self.check_finite
         if self.grad_clip_norm or self.grad_clip_value or want_norm or check:
@@ -248,6 +264,10 @@ class Step:
         elif want_norm or self.grad_clip_value or check:
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = nn.utils.get_total_norm(grads) if grads else None
+        if isinstance(norm, DTensor):
+            # train.strategy=fsdp: the norm over every shard (each rank summed its own
+            # shards' squares; DTensor all-reduced them), replicated: the same on all ranks.
+            norm = norm.full_tensor()
         if check:
             verdict = self._verdict(norm, decide)
             if verdict != "step":

@@ -7,6 +7,7 @@ goes into one checkpoint, so a run resumes at the exact batch where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from visiontrain.config import Config
@@ -27,10 +29,12 @@ from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.ema import ModelEma
 from visiontrain.engine.evaluate import evaluate
 from visiontrain.engine.freeze import FreezePhase
+from visiontrain.engine.fsdp import gathered
 from visiontrain.engine.nan_policy import CAUSES, NanGuard, Rollback
 from visiontrain.engine.parts import build_prep
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.schedules import Horizon, Schedule
+from visiontrain.engine.sharded import load_sharded, named_optimizer_state
 from visiontrain.engine.signals import StopFlag
 from visiontrain.engine.step import Step
 from visiontrain.engine.wrap import TrainModel
@@ -43,7 +47,6 @@ from visiontrain.errors import (
 )
 from visiontrain.headline import HEADLINE_ORDER
 from visiontrain.models.build import user_model_class
-from visiontrain.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visiontrain.seed import capture_rng, restore_rng, sample_seed, seed_everything
 from visiontrain.tasks.base import Task
 
@@ -166,6 +169,18 @@ class Trainer:
         when the run stands between two updates, then ends the run with the fault.
         """
         try:
+            results = self._fit_or_fault()
+        except BaseException:
+            # Whatever ends the run waits for the checkpoint in flight (run.async_save),
+            # without hiding the cause behind a write error.
+            with contextlib.suppress(Exception):
+                self.checkpointer.flush()
+            raise
+        self.checkpointer.flush()
+        return results
+
+    def _fit_or_fault(self) -> dict[str, Any]:
+        try:
             return self._fit()
         except LoaderFaultError as exc:
             raise RunError(f"{exc} {self._save_after_fault()}") from None
@@ -188,14 +203,13 @@ class Trainer:
                 "It stopped inside an accumulation group, so the last periodic checkpoint is "
                 "kept; resume with run.resume=auto."
             )
-        path = self.checkpointer.save_last(self)
+        path = self.checkpointer.save_last(self, wait=True)
         return f"Saved {path} at step {self.global_step}; resume with run.resume=auto."
 
     def _fit(self) -> dict[str, Any]:
         self._fire("on_fit_start")
-        if (
-            self.nan.checks_every_update
-            and not (self.checkpointer.folder / LAST_CHECKPOINT).is_file()
+        if self.nan.checks_every_update and not self.checkpointer.exists(
+            self.checkpointer.last_path
         ):
             # A rollback needs a good state to return to, also in the first epoch.
             self.checkpointer.save_last(self)
@@ -219,7 +233,8 @@ class Trainer:
             self._set_phase(epoch)
             self.train_epoch()
             if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs:
-                self._validate()
+                with record_function("vt/eval"):
+                    self._validate()
             if self.schedule.interval == "epoch":
                 self.schedule.scheduler.step()
             self.epochs_done, self.batch_in_epoch = epoch + 1, 0
@@ -237,7 +252,14 @@ class Trainer:
         accumulate = self.cfg.train.accumulate
         start = time.perf_counter()
         self._accum.interval_start = start
-        for batch in self.loaders.train:
+        batches = iter(self.loaders.train)
+        while True:
+            # The wait for the next batch, named for the profiler (train.profile_steps,
+            # `visiontrain profile`): a loader-bound step shows as such.
+            with record_function("vt/loader_wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
             i = self.batch_in_epoch
             group_start = i - i % accumulate
             # A short remainder at the epoch's end still updates, averaged over its own size.
@@ -255,7 +277,8 @@ class Trainer:
                 self._update()
                 log_due = self.global_step % self.cfg.train.log_every == 0 or self.at_epoch_end
                 if log_due:
-                    self._log_train()
+                    with record_function("vt/logging"):
+                        self._log_train()
                 self._fire("on_update")
                 # Under DDP the ranks agree on stopping at log steps only: one tiny
                 # all-reduce per log interval instead of one per update.
@@ -296,9 +319,12 @@ class Trainer:
         # DDP keeps parameters equal, but each rank's last forward updated its own BatchNorm
         # statistics: evaluate (and checkpoint) rank 0's, on every rank.
         self.dist.broadcast_module(model, buffers_only=True)
-        metrics = evaluate(
-            model, loader, self.task, self.prep, self.precision, self.dist, self.skipped
-        )
+        # Under FSDP the ranks may run different numbers of batches: gathered once, the
+        # forwards need no collective (engine/fsdp.py).
+        with gathered(model):
+            metrics = evaluate(
+                model, loader, self.task, self.prep, self.precision, self.dist, self.skipped
+            )
         self.timings["eval_s"] += time.perf_counter() - start
         if emit:
             self._emit({"split": split, "kind": "eval", **metrics})
@@ -367,12 +393,11 @@ class Trainer:
                 f"{self.nan.max_rollbacks}). {CAUSES} checkpoints/last.pt holds the last good "
                 "weights."
             )
-        from visiontrain.engine.checkpoint import load_checkpoint
-
-        path = self.checkpointer.folder / LAST_CHECKPOINT
+        path = self.checkpointer.last_path
+        self.checkpointer.flush()  # the last good state may still be on its way to disk
         self.nan.start_rollback()
         kept = self.nan.state_dict()
-        state = self.dist.run_on_main(lambda: load_checkpoint(path))
+        state = self.dist.run_on_main(lambda: self.checkpointer.read(path))
         self.load_state(state, path)
         self.nan.load_state_dict(kept)
         self.nan.scale_lr(self.optimizer, self.schedule.scheduler)
@@ -469,7 +494,22 @@ class Trainer:
         self.results["val_last"] = metrics
 
     def _restore_best(self) -> None:
-        best = self.checkpointer.folder / BEST_CHECKPOINT
+        best = self.checkpointer.best_path
+        self.checkpointer.flush()  # the last epoch's files, under run.async_save
+        if self.checkpointer.sharded:
+            # Every rank reads its own shards of the best weights (shared disk).
+            if self.checkpointer.best_epoch is not None and self.dist.run_on_main(
+                lambda: self.checkpointer.exists(best)
+            ):
+                state = self.dist.run_on_main(lambda: self.checkpointer.read(best))
+                ema = self.ema.module if self.ema is not None else None
+                load_sharded(best, state, self.dist, self.model, None, ema)
+                self.results["val"] = self.checkpointer.best_metrics or self.results.get(
+                    "val_last", {}
+                )
+            else:
+                self.results["val"] = self.results.get("val_last", {})
+            return
         # Every rank knows whether there is a best epoch (they saw the same metrics); only
         # rank 0 reads the file, then broadcasts the weights (no shared disk needed).
         if self.checkpointer.best_epoch is not None and (best.is_file() or not self.dist.is_main):
@@ -548,7 +588,7 @@ class Trainer:
                 return
         elif not self.stop_flag:
             return
-        path = self.checkpointer.save_last(self)
+        path = self.checkpointer.save_last(self, wait=True)
         raise Interrupted(
             self.stop_flag.exit_code or EXIT_SIGTERM,
             f"stopped by signal at epoch {self.epoch + 1}, step {self.global_step}; saved "
@@ -617,12 +657,16 @@ class Trainer:
         b = self.bundle
         rng = capture_rng()
         return {
+            # Under FSDP: this rank's shards (DTensors), written by engine/sharded.py.
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.dist.world_size,
             # Each rank's RNG (dropout masks differ per rank); a collective under DDP.
             "rng_by_rank": self.dist.gather([rng]) if self.dist.enabled else None,
-            "optimizer": self.optimizer.state_dict(),
+            # Sharded checkpoints key the optimizer state by parameter name (resharding).
+            "optimizer": named_optimizer_state(self.model, self.optimizer)
+            if self.checkpointer.sharded
+            else self.optimizer.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": self.precision.scaler.state_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
@@ -671,9 +715,20 @@ class Trainer:
                 f"checkpoint {path} is from task `{state.get('task')}`, this run is "
                 f"`{self.task.name}`. Resume with the config the checkpoint was trained with."
             )
+        if ("sharded" in state) != self.checkpointer.sharded:
+            now = self.cfg.train.strategy
+            raise CheckpointError(
+                f"checkpoint {path} is {'sharded' if 'sharded' in state else 'a .pt file'}, "
+                f"but this run has train.strategy={now}. Resume with the strategy it was "
+                "written with (its config.yaml)."
+            )
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.checkpointer.sharded:
+                ema = self.ema.module if self.ema is not None and state.get("ema") else None
+                load_sharded(path, state, self.dist, self.model, self.optimizer, ema)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0]
             raise CheckpointError(
@@ -697,7 +752,10 @@ class Trainer:
                     f"checkpoint {path} was trained without train.ema, so it has no averaged "
                     "weights to continue. Resume with train.ema=false, or start a new run."
                 )
-            self.ema.load_state_dict(state["ema"])
+            if self.checkpointer.sharded:
+                self.ema.updates = int(state["ema"]["updates"])  # its weights: load_sharded
+            else:
+                self.ema.load_state_dict(state["ema"])
         acc = state["accum"]
         self._accum.interval_loss = acc["interval_loss"].to(self.device)
         self._accum.interval_parts = {

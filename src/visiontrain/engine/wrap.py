@@ -127,6 +127,15 @@ def convert_sync_bn(model: nn.Module, dist: Dist, device: torch.device) -> tuple
     return nn.SyncBatchNorm.convert_sync_batchnorm(model), f"SyncBatchNorm: {n} layers converted"
 
 
+@contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 class TrainModel:
     """What a training step calls: the model, through DDP and torch.compile when asked.
 
@@ -142,11 +151,15 @@ class TrainModel:
         device: torch.device,
         compile_model: bool,
         say: Callable[[str], None],
+        sharded: bool = False,
     ) -> None:
         self.eager: Any = model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self._ids = [device.index] if device.type == "cuda" else None
-        if dist.enabled:
+        # train.strategy=fsdp: the model was sharded in place (engine/fsdp.py), so it is
+        # called as it is; gradient sync is FSDP2's switch instead of DDP's no_sync.
+        self.fsdp = model if sharded and dist.enabled else None
+        if dist.enabled and not sharded:
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=self._ids)
             self.eager = self.ddp
         self.compiled: Any = torch.compile(self.eager) if compile_model else None
@@ -161,8 +174,16 @@ class TrainModel:
         return self.eager(*args, **kwargs)
 
     def no_sync(self, sync: bool) -> AbstractContextManager[None]:
-        """DDP's ``no_sync`` on an accumulation micro-step that does not update."""
-        if self.ddp is None or sync:
+        """DDP's ``no_sync`` (FSDP2's gradient sync off) on a micro-step that does not update.
+
+        Under FSDP the micro-steps before the last then accumulate unsharded gradients
+        locally: one reduce-scatter per update, as DDP does one all-reduce.
+        """
+        if sync:
+            return nullcontext()
+        if self.fsdp is not None:
+            return _fsdp_no_sync(self.fsdp)
+        if self.ddp is None:
             return nullcontext()
         return self.ddp.no_sync()
 

@@ -15,6 +15,7 @@ from typing import Any
 from visiontrain.errors import UserError
 from visiontrain.rundir import (
     BEST_CHECKPOINT,
+    BEST_SHARDED,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     METRICS_FILE,
@@ -55,7 +56,13 @@ class RunData:
 
     @property
     def best_checkpoint(self) -> Path:
-        """Where the best checkpoint lives (it may not exist)."""
+        """Where the best checkpoint lives (it may not exist).
+
+        ``best.dcp/`` for a run trained with ``train.strategy=fsdp``.
+        """
+        sharded = self.path / CHECKPOINTS_DIR / BEST_SHARDED
+        if sharded.is_dir() and not (self.path / BEST_CHECKPOINT_PATH).is_file():
+            return sharded
         return self.path / BEST_CHECKPOINT_PATH
 
     @property

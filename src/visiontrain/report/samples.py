@@ -82,7 +82,7 @@ def collect_samples(run: RunData, limit: int, source: SampleSource | None = None
     from visiontrain.predict import load_trained
     from visiontrain.tasks import build_task
 
-    if not run.best_checkpoint.is_file():
+    if not run.best_checkpoint.exists():
         raise UserError(f"{run.best_checkpoint} does not exist")
     source = source or SampleSource()
     own = copy.deepcopy(source.model) if source.model is not None else None
