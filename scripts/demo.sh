@@ -35,10 +35,14 @@ for i in "${!pids[@]}"; do
         echo "== ${names[$i]} trained: $(grep -m1 '^test:' "$RUNS/demo-${names[$i]}.log" || true)"
     else
         code=$?
-        echo "error: the ${names[$i]} run failed (exit $code); the end of its log:" >&2
-        tail -n 20 "$RUNS/demo-${names[$i]}.log" >&2
-        failed=$code
-        kill "${pids[@]}" 2>/dev/null || true
+        # The first failure is the one reported; the runs stopped after it saved and
+        # exited on the SIGTERM sent here, and are not failures of their own.
+        if [ "$failed" -eq 0 ]; then
+            echo "error: the ${names[$i]} run failed (exit $code); the end of its log:" >&2
+            tail -n 20 "$RUNS/demo-${names[$i]}.log" >&2
+            failed=$code
+            kill "${pids[@]}" 2>/dev/null || true
+        fi
     fi
 done
 if [ "$failed" -ne 0 ]; then
