@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from visiontrain.engine.async_save import AsyncWriter, snapshot
 from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
-from visiontrain.engine.sharded import read_state, remove_sharded, rewrite_state, save_sharded
+from visiontrain.engine.distributed import Dist, current
+from visiontrain.engine.sharded import (
+    checkpoint_dist,
+    read_state,
+    remove_sharded,
+    rewrite_state,
+    save_sharded,
+)
 from visiontrain.io import atomic_link
 from visiontrain.rundir import (
     BEST_CHECKPOINT,
@@ -88,8 +95,10 @@ class Checkpointer(Callback):
         self.folder = folder
         # train.strategy=fsdp: every rank writes its shards into NAME.dcp/ (engine/sharded.py).
         self.sharded = sharded
-        # run.async_save: rank 0's files are written by a background thread.
-        self.writer = AsyncWriter() if async_save and write else None
+        # run.async_save: rank 0's files (every rank's shards under fsdp) are written by a
+        # background thread; sharded saves run their collectives on a group of their own.
+        self.writer = AsyncWriter() if async_save and (write or sharded) else None
+        self.save_dist = checkpoint_dist(current()) if self.writer and sharded else None
         self.save_every_minutes = save_every_minutes
         self._last_save = time.monotonic()
         # Under DDP every rank builds the state (it gathers each rank's RNG), rank 0 writes.
@@ -111,7 +120,9 @@ class Checkpointer(Callback):
         path = self.last_path
         state = trainer.checkpoint_state()
         if self.sharded:
-            save_sharded([path], state, trainer.dist)
+            self._save_sharded([path], state, trainer)
+            if wait:
+                self.flush()
         elif self.write:
             self._write(path.name, state, lambda s: save_checkpoint(path, s))
             if wait:
@@ -223,11 +234,23 @@ class Checkpointer(Callback):
         if self.keep_last > 0:
             names.append(f"epoch-{trainer.epoch + 1:04d}{SHARDED_SUFFIX}")
         names.append(LAST_SHARDED)
-        save_sharded([self.folder / n for n in names], state, trainer.dist)
-        if self.write and self.keep_last > 0:
-            epochs = sorted(self.folder.glob(f"epoch-*{SHARDED_SUFFIX}"))
-            for old in epochs[: -self.keep_last]:
-                remove_sharded(old)
+        self._save_sharded([self.folder / n for n in names], state, trainer)
+
+    def _save_sharded(self, folders: list[Path], state: dict[str, Any], trainer: Trainer) -> None:
+        """Every rank's shards into ``folders``, now or on the writer thread; then pruning."""
+
+        def write(s: dict[str, Any], dist: Dist) -> None:
+            save_sharded(folders, s, dist)
+            if self.write and self.keep_last > 0:
+                epochs = sorted(self.folder.glob(f"epoch-*{SHARDED_SUFFIX}"))
+                for old in epochs[: -self.keep_last]:
+                    remove_sharded(old)
+
+        if self.writer is None or self.save_dist is None:
+            write(state, trainer.dist)
+            return
+        save_dist = self.save_dist
+        self._write(", ".join(f.name for f in folders), state, lambda s: write(s, save_dist))
 
     def _put_epoch(self, names: list[str], state: dict[str, Any]) -> None:
         """Write ``state`` once under the first name and link it to the others, in order."""

@@ -214,12 +214,6 @@ def check_fsdp(cfg: Config) -> None:
     if cfg.train.strategy != "fsdp":
         return
     refusals = {
-        "run.async_save": (
-            cfg.run.async_save,
-            "sharded checkpoints are written by every process through "
-            "torch.distributed.checkpoint, synchronously. Remove run.async_save, or use "
-            "train.strategy=ddp",
-        ),
         "train.sync_bn": (
             cfg.train.sync_bn,
             "SyncBatchNorm is not combined with sharded parameters here. Remove "

@@ -35,6 +35,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_dist(dist: Dist) -> Dist:
+    """``dist`` with a process group of its own for the saves of a background thread.
+
+    ``run.async_save`` under fsdp: every rank's writer thread runs the save's collectives
+    (DCP's plan exchange, the barriers, the gather of file digests) while the training
+    thread runs FSDP's all-gathers and reduce-scatters. Collectives on one group must be
+    issued in the same order on every rank, which two threads cannot promise; on a group
+    of their own the saves stay in order among themselves. A collective itself: every
+    rank calls it, at set-up.
+    """
+    if not dist.enabled:
+        return dist
+    return replace(dist, cpu_group=torch_dist.new_group(backend="gloo"))
+
+
 def _barrier(dist: Dist) -> None:
     if dist.enabled:
         torch_dist.barrier(group=dist.cpu_group)
@@ -224,7 +240,12 @@ def save_sharded(folders: list[Path], state: dict[str, Any], dist: Dist) -> None
     tensors, rest = split_state(state, dist.rank)
     writer = dcp.FileSystemWriter(partial, sync_files=True)
     with _one_process():
-        dcp.save(tensors, storage_writer=writer, no_dist=not dist.enabled)
+        dcp.save(
+            tensors,
+            storage_writer=writer,
+            process_group=dist.cpu_group if dist.enabled else None,
+            no_dist=not dist.enabled,
+        )
     # dcp.save returns once every rank has written and rank 0 has written the metadata.
     mine = {p.name: _digest(p) for p in sorted(partial.glob(f"__{dist.rank}_*.distcp"))}
     everyone = dist.gather([mine])  # also a barrier: every rank has hashed its files
