@@ -210,6 +210,26 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+def sigterm_rank_one(proc: subprocess.Popen, run: Path, steps: int) -> tuple[int, str]:
+    """Once ``run`` logged ``steps`` train steps, SIGTERM torchrun's rank 1 alone; finish.
+
+    Rank 0 must learn of the signal from rank 1 and save for both.
+    """
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count('"train_step"') >= steps:
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the run did not start training: " + finish(proc)[1][-2000:])
+    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+    assert 1 in workers, workers
+    os.kill(workers[1], signal.SIGTERM)
+    return finish(proc)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers in /proc")
 def test_sigterm_on_one_rank_stops_both_and_resume_auto_continues(tmp_path):
     run = tmp_path / "s"
@@ -217,19 +237,7 @@ def test_sigterm_on_one_rank_stops_both_and_resume_auto_continues(tmp_path):
         "-m", "visiontrain", "train", *DDP_TINY, "train.epochs=12", f"run.dir={tmp_path}",
         "run.name=s",
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.is_file() and metrics.read_text().count('"train_step"') >= 8:
-            break
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the DDP run did not start training: " + finish(proc)[1][-2000:])
-    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
-    assert 1 in workers, workers
-    os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn it and save
-    code, log = finish(proc)
+    code, log = sigterm_rank_one(proc, run, steps=8)
     assert code != 0
     assert log.count("stopped by signal") == 2, log[-3000:]
     state = load_checkpoint(run / "checkpoints" / "last.pt")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +18,9 @@ from torch import nn
 
 from test_distributed import (
     HELPERS,
-    _children,
-    _rank_of,
     assert_metrics_equal,
     finish,
+    sigterm_rank_one,
     summary,
     torchrun,
 )
@@ -277,18 +273,7 @@ def test_sigterm_then_resume_gives_bit_identical_weights(fsdp_run, tmp_path):
         "-m", "visiontrain", "train", *FSDP_RUN, "train.strategy=fsdp", f"run.dir={tmp_path}",
         "run.name=s",
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.is_file() and metrics.read_text().count('"train_step"') >= 5:
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("the FSDP run did not start training: " + finish(proc)[1][-2000:])
-    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
-    os.kill(workers[1], signal.SIGTERM)
-    code, log = finish(proc)
+    code, log = sigterm_rank_one(proc, run, steps=5)
     assert code != 0 and log.count("stopped by signal") == 2, log[-3000:]
     stopped = read_state(run / "checkpoints" / "last.dcp")["counters"]["global_step"]
     assert 0 < stopped < STEPS

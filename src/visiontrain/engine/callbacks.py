@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from visiontrain.engine.async_save import AsyncWriter, snapshot
 from visiontrain.engine.checkpoint import load_checkpoint, save_checkpoint
-from visiontrain.engine.distributed import Dist, current
+from visiontrain.engine.distributed import current
 from visiontrain.engine.sharded import (
     checkpoint_dist,
     read_state,
@@ -29,7 +29,6 @@ from visiontrain.rundir import (
     BEST_SHARDED,
     LAST_CHECKPOINT,
     LAST_SHARDED,
-    SHARDED_SUFFIX,
     is_sharded,
 )
 
@@ -119,12 +118,8 @@ class Checkpointer(Callback):
         """
         path = self.last_path
         state = trainer.checkpoint_state()
-        if self.sharded:
-            self._save_sharded([path], state, trainer)
-            if wait:
-                self.flush()
-        elif self.write:
-            self._write(path.name, state, lambda s: save_checkpoint(path, s))
+        if self.write or self.sharded:
+            self._save([path.name], state, trainer)
             if wait:
                 self.flush()
         self._last_save = time.monotonic()
@@ -212,45 +207,38 @@ class Checkpointer(Callback):
             trainer.improved = True
         state = trainer.checkpoint_state()
         self._last_save = time.monotonic()
-        if self.sharded:
-            self._put_sharded(trainer, state)
+        if not (self.write or self.sharded):
             return
-        if not self.write:
-            return
-        # last.pt goes last: killed between two writes, a resume starts from the previous
-        # last.pt and redoes this epoch, rewriting best.pt, instead of trusting a best
-        # score whose best.pt was never written.
+        # last goes last: killed between two writes, a resume starts from the previous
+        # last checkpoint and redoes this epoch, rewriting best, instead of trusting a best
+        # score whose best checkpoint was never written.
         # The same state goes to up to three names; it is written once and hard-linked to
         # the others (a copy where the filesystem cannot link), so an epoch costs one file.
-        names = [BEST_CHECKPOINT] if trainer.improved else []
+        names = [self.best_path.name] if trainer.improved else []
         if self.keep_last > 0:
-            names.append(f"epoch-{trainer.epoch + 1:04d}.pt")
-        names.append(LAST_CHECKPOINT)
-        self._write(", ".join(names), state, lambda s: self._put_epoch(names, s))
+            names.append(f"epoch-{trainer.epoch + 1:04d}{self.last_path.suffix}")
+        names.append(self.last_path.name)
+        self._save(names, state, trainer)
 
-    def _put_sharded(self, trainer: Trainer, state: dict[str, Any]) -> None:
-        """The epoch's sharded folders, in the order of :meth:`on_epoch_end` (every rank)."""
-        names = [BEST_SHARDED] if trainer.improved else []
-        if self.keep_last > 0:
-            names.append(f"epoch-{trainer.epoch + 1:04d}{SHARDED_SUFFIX}")
-        names.append(LAST_SHARDED)
-        self._save_sharded([self.folder / n for n in names], state, trainer)
+    def _save(self, names: list[str], state: dict[str, Any], trainer: Trainer) -> None:
+        """Write ``state`` under ``names`` in order, then prune old epoch checkpoints.
 
-    def _save_sharded(self, folders: list[Path], state: dict[str, Any], trainer: Trainer) -> None:
-        """Every rank's shards into ``folders``, now or on the writer thread; then pruning."""
+        ``.pt`` files are written by rank 0; sharded folders by every rank, on the save
+        group of their own under ``run.async_save``.
+        """
+        dist = self.save_dist or trainer.dist
 
-        def write(s: dict[str, Any], dist: Dist) -> None:
-            save_sharded(folders, s, dist)
+        def write(copy: dict[str, Any]) -> None:
+            if self.sharded:
+                save_sharded([self.folder / n for n in names], copy, dist)
+            else:
+                self._put_epoch(names, copy)
             if self.write and self.keep_last > 0:
-                epochs = sorted(self.folder.glob(f"epoch-*{SHARDED_SUFFIX}"))
+                epochs = sorted(self.folder.glob(f"epoch-*{self.last_path.suffix}"))
                 for old in epochs[: -self.keep_last]:
-                    remove_sharded(old)
+                    remove_sharded(old) if self.sharded else old.unlink(missing_ok=True)
 
-        if self.writer is None or self.save_dist is None:
-            write(state, trainer.dist)
-            return
-        save_dist = self.save_dist
-        self._write(", ".join(f.name for f in folders), state, lambda s: write(s, save_dist))
+        self._write(", ".join(names), state, write)
 
     def _put_epoch(self, names: list[str], state: dict[str, Any]) -> None:
         """Write ``state`` once under the first name and link it to the others, in order."""
@@ -260,10 +248,6 @@ class Checkpointer(Callback):
             if written is None or not atomic_link(written, path):
                 save_checkpoint(path, state)
                 written = path
-            if name.startswith("epoch-"):
-                epochs = sorted(self.folder.glob("epoch-*.pt"))
-                for old in epochs[: -self.keep_last]:
-                    old.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

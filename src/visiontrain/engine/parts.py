@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -235,6 +236,14 @@ def resolve_batch_size(
     return describe(result, dist.world_size)
 
 
+# optim.lr_scale: the factor on optim.lr for a batch `ratio` times optim.lr_batch.
+LR_SCALE_RULES: dict[str, Callable[[float], float]] = {
+    "none": lambda ratio: 1.0,
+    "linear": lambda ratio: ratio,
+    "sqrt": math.sqrt,
+}
+
+
 def scaled_lr(lr: float, rule: str, batch: int, reference: int) -> float:
     """``lr`` moved from a batch of ``reference`` to ``batch`` by ``rule``.
 
@@ -242,12 +251,7 @@ def scaled_lr(lr: float, rule: str, batch: int, reference: int) -> float:
     ``lr * sqrt(batch / reference)`` (the rule usually kept for Adam-family optimizers);
     ``none``: ``lr``.
     """
-    ratio = batch / reference
-    if rule == "linear":
-        return lr * ratio
-    if rule == "sqrt":
-        return lr * math.sqrt(ratio)
-    return lr
+    return lr * LR_SCALE_RULES[rule](batch / reference)
 
 
 def resolve_lr_scale(cfg: Config, world_size: int = 1) -> str | None:
