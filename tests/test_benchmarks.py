@@ -313,3 +313,9 @@ def test_async_save_quick_prints_the_table(tmp_path: Path) -> None:
     assert "1 periodic saves (every 5)" in out, out
     for variant in ("no periodic save", "sync", "async"):
         assert re.search(rf"^\| {variant} \| \d+\.\d\d \| ", out, re.M), out
+
+
+def test_decode_quick_prints_the_ratio(tmp_path: Path) -> None:
+    out = run_quick("decode.py", tmp_path).stdout
+    assert re.search(r"^ratio full/reduced: \d+\.\d\d$", out, re.M), out
+    assert re.search(r"^mean \|pixel difference\|: \d\.\d\d grey levels$", out, re.M), out
