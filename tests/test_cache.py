@@ -118,7 +118,8 @@ def test_disk_cache_rebuilds_when_a_file_changes(tmp_path, cache_dir, decodes):
 def test_damaged_disk_cache_is_noted_and_rebuilt(tmp_path, cache_dir, decodes, damage):
     root = folder(tmp_path / "data")
     _, good = bundle_for(root, "data.cache=disk")
-    expected = [good.train.load(i)[0] for i in range(len(good.train))]
+    # Copies: a loaded image is a view of the memory-mapped file this test then damages.
+    expected = [good.train.load(i)[0].clone() for i in range(len(good.train))]
     target = next(f for f in cache_folders(cache_dir) if (f / IMAGES_FILE).stat().st_size > 4000)
     buffer = target / IMAGES_FILE
     if damage == "truncate":
@@ -267,3 +268,21 @@ def test_decode_image_and_pil_paths_agree(tmp_path):
         assert a.shape == b.shape == (3, h, w)
         diff = (a - b).abs().float()
         assert diff.mean() < 1.0 and diff.max() <= 4
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_no_transform_writes_into_the_cache(tmp_path, cache_dir, mode):
+    """Loaded images are views of the store (no per-epoch copies): every preset's
+    transforms must leave the stored pixels as they were."""
+    from visiontrain.data.transforms import PRESETS
+
+    root = folder(tmp_path / "data")
+    for preset in PRESETS:
+        extra = ["data.random_erasing=1.0"] if preset == "standard" else []
+        cfg, bundle = bundle_for(root, f"data.augment={preset}", f"data.cache={mode}", *extra)
+        store = bundle.train.base.store  # train is a subset: val is held out of it
+        before = [store.get(i)[0].clone() for i in range(len(store))]
+        loader = build_loader(bundle.train, bundle, cfg, train=True, seed=3, pin_memory=False)
+        for batch in loader:
+            batch["image"].add_(1)  # the batch is the loader's own memory, not the store's
+        assert all(torch.equal(b, store.get(i)[0]) for i, b in enumerate(before)), preset

@@ -18,6 +18,7 @@ from visiontrain.data.transforms import (
     AUGMENT_KEYS,
     PRESETS,
     AugmentOptions,
+    CropFlipJitter,
     augment_options,
     build_pair_transform,
     build_transform,
@@ -72,7 +73,8 @@ def test_policy_presets_keep_the_standard_geometry_instead_of_colour_jitter(pres
     steps = steps_of(build_transform(preset, 16, 3, same_size=False, train=True))
     kinds = [type(t) for t in steps]
     # The resized crop ends at the working size, so nothing fits the image first.
-    assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, POLICY_CLASSES[preset]]
+    assert kinds == [CropFlipJitter, POLICY_CLASSES[preset]]
+    assert steps[0].jitter == 0  # the policy replaces standard's colour jitter
     assert steps[-1].interpolation == v2.InterpolationMode.BILINEAR
     assert build_transform(preset, 16, 3, same_size=True, train=False) is None  # eval
 

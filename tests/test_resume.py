@@ -13,7 +13,7 @@ EXACT = [
     *TINY,
     "train.deterministic=true",
     "data.num_workers=2",
-    "data.augment=light",
+    "data.augment=standard",
     "model.dropout=0.2",
     "schedule.name=step",
     "schedule.step_size=1",

@@ -7,8 +7,9 @@ is computed once per image when the bundle is built and read back on every acces
 neither decoding nor the resize happens per epoch. The augmentation that follows is the
 same either way, so cached and uncached runs give identical batches for the same seed.
 
-Storage: one flat uint8 buffer of all prepared images (each image's CHW bytes back to
-back), ``offsets`` and ``shapes`` to find them, plus the decoded (H, W) of each image
+Storage: one flat uint8 buffer of all prepared images (each image's bytes back to back
+in (H, W, C) order, which the augmentation kernels read in place), ``offsets`` and
+``shapes`` (C, H, W) to find them, plus the decoded (H, W) of each image
 (detection boxes are scaled from it) and, for segmentation, a second flat buffer of masks.
 
 * ``memory``: the buffer is one torch tensor built in the main process, so fork-started
@@ -51,7 +52,8 @@ from visiontrain.config import DataConfig
 from visiontrain.data.sources import PreparedSplit, cache_key, cache_root
 from visiontrain.errors import DataError
 
-FORMAT_VERSION = 1
+# 2: pixels stored channels-last (H, W, C).
+FORMAT_VERSION = 2
 IMAGES_FILE = "images.u8"
 MASKS_FILE = "masks.u8"
 INDEX_FILE = "index.npz"
@@ -110,14 +112,18 @@ class ImageStore:
             for file in (IMAGES_FILE, MASKS_FILE):
                 path = self.folder / file
                 if path.exists() and path.stat().st_size > 0:
-                    self._maps[file] = np.memmap(path, dtype=np.uint8, mode="r")
+                    # Copy-on-write: read straight from the page cache, and a write
+                    # (there is none) could never reach the file.
+                    self._maps[file] = np.memmap(path, dtype=np.uint8, mode="c")
         return self._maps[name]
 
     def _slice(self, memory: torch.Tensor | None, file: str, start: int, end: int) -> torch.Tensor:
+        # A view, not a copy: no transform writes into its input (the pipeline's transforms
+        # all return new tensors; tests/test_cache.py checks the store is unchanged after
+        # training with every preset).
         if memory is not None:
-            # A copy: a transform writing in place must never reach the shared buffer.
-            return memory[start:end].clone()
-        return torch.from_numpy(np.array(self._buffer(file)[start:end]))
+            return memory[start:end]
+        return torch.from_numpy(self._buffer(file)[start:end])
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Prepared uint8 (C, H, W) image, uint8 (H, W) mask or None, and decoded (H, W).
@@ -129,7 +135,8 @@ class ImageStore:
             raise DataError(self.errors[index])
         offsets, shape = self.index["offsets"], self.index["shapes"][index]
         image = self._slice(self._images, IMAGES_FILE, int(offsets[index]), int(offsets[index + 1]))
-        image = image.view(*(int(v) for v in shape))
+        c, h, w = (int(v) for v in shape)
+        image = image.view(h, w, c).permute(2, 0, 1)
         mask = None
         if "mask_offsets" in self.index:
             mo = self.index["mask_offsets"]
@@ -193,10 +200,11 @@ class _Writer:
         self.shapes[i] = image.shape
         self.decoded_hw[i] = decoded_hw
         self.offsets[i + 1] = self.offsets[i] + image.numel()
+        hwc = image.permute(1, 2, 0).contiguous()
         if self.fh is not None:
-            self.fh.write(image.contiguous().numpy().tobytes())
+            self.fh.write(hwc.numpy().tobytes())
         else:
-            self.parts.append(image.contiguous().flatten())
+            self.parts.append(hwc.flatten())
         if self.mask_offsets is not None:
             if mask is None or tuple(mask.shape) != tuple(image.shape[-2:]):
                 raise DataError(f"sample {i}: a segmentation sample needs a mask of its size")

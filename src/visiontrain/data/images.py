@@ -338,7 +338,9 @@ def prepare_image(
         mask: an optional uint8 (H, W) class-index mask, resized with nearest neighbours.
 
     Returns:
-        The resized image (contiguous) and mask (or None).
+        The resized image, a (C, H, W) tensor whose memory is (H, W, C) (channels-last:
+        what the decoder returns, torch's uint8 resize runs fastest on and the OpenCV
+        augmentation kernels read without a copy), and the contiguous mask (or None).
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
@@ -350,4 +352,9 @@ def prepare_image(
         image = F.resize(image, new, antialias=True)
         if mask is not None:
             mask = F.resize(mask[None], new, interpolation=InterpolationMode.NEAREST)[0]
-    return image.contiguous(), None if mask is None else mask.contiguous()
+    return channels_last(image), None if mask is None else mask.contiguous()
+
+
+def channels_last(image: torch.Tensor) -> torch.Tensor:
+    """A (C, H, W) tensor with (H, W, C) memory: a view when it already is, else one copy."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)

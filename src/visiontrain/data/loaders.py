@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from visiontrain.config import DataConfig
 from visiontrain.data.sources import DataBundle, Split, Target
@@ -144,7 +144,10 @@ def collate(items: list[tuple[torch.Tensor, Target] | Skipped]) -> dict[str, obj
     skipped = [it.name for it in items if isinstance(it, Skipped)]
     if not good:
         return {"image": None, "target": None, "skipped": skipped}
-    images = torch.stack([it[0] for it in good])
+    # default_collate stacks straight into shared memory in a loader worker: the batch
+    # crosses to the main process through shared memory anyway, and a plain torch.stack
+    # would be copied there once more when it is sent.
+    images = default_collate([it[0] for it in good])
     first = good[0][1]
     targets: object
     if isinstance(first, int):
