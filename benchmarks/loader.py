@@ -100,6 +100,7 @@ SKIMAGE_PHOTOS = (
     "camera",
 )
 BASELINE = "torchvision"
+CEILING = "decode ceiling"
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ class DecodeCeiling(Contender):
     """``decode_jpeg`` alone over every file, one single-threaded process per core."""
 
     def __init__(self, root: Path) -> None:
-        self.name = "decode ceiling"
+        self.name = CEILING
         self.procs = os.cpu_count() or 1
         files = [str(p) for p in jpeg_files(root)]
         # Many small chunks, so that the pool balances the cores to the end.
@@ -448,6 +449,151 @@ def report(
     for name in rates:
         if name != BASELINE:
             print(f"ratio {name}/{BASELINE}: {med[name] / base:.2f}")
+    if CEILING in med:
+        for name in rates:
+            if name.startswith("visiontrain"):
+                print(f"share of the decode ceiling, {name}: {med[name] / med[CEILING]:.2f}")
+
+
+def _per_image_ms(fn: Callable[[Any], Any], inputs: Sequence[Any]) -> float:
+    """Median milliseconds of ``fn`` over ``inputs`` (each timed alone, after a first pass)."""
+    for x in inputs[:5]:
+        fn(x)
+    times = []
+    for x in inputs:
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def transform_table(root: Path, s: Settings) -> list[tuple[str, str, float, str, float]]:
+    """Per-image cost of each loader stage, the torchvision/torch way and the loader's way.
+
+    One thread, in this process, on up to 200 of the folder's files: the decode and the
+    resize to the working size (the *prepare* step, the same in both), then the random
+    resized crop, flip and colour jitter of ``standard`` on the prepared image (v2's
+    antialiased crop, torch's flip and the fused float jitter, against the OpenCV
+    kernels on the same parameters), the copy into the batch, and the normalisation of a
+    batch (per image).
+    """
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as F
+
+    from visiontrain.data import kernels
+    from visiontrain.data.images import decode_file, prepare_image
+    from visiontrain.data.loaders import stack_images
+    from visiontrain.data.transforms import FusedColorJitter, Normalizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        files = jpeg_files(root)[:200]
+        decoded = [decode_file(f, 3, (IMAGE_SIZE, "short")) for f in files]
+        prepared = [prepare_image(x, IMAGE_SIZE, "short")[0] for x in decoded]
+        hwc = [kernels.hwc_view(x) for x in prepared]
+        # Before the kernels, prepared images (and the cache) were contiguous CHW.
+        prepared = [x.contiguous() for x in prepared]
+        crop = v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.25, 1.0), antialias=True)
+        torch.manual_seed(0)
+        boxes = [crop.make_params([x]) for x in prepared]
+        pairs = list(zip(prepared, hwc, boxes, strict=True))
+        size = (IMAGE_SIZE, IMAGE_SIZE)
+
+        def v2_crop(p: Any) -> torch.Tensor:
+            b = p[2]
+            return F.resized_crop(
+                p[0], b["top"], b["left"], b["height"], b["width"], list(size), antialias=True
+            )
+
+        def cv_crop(p: Any) -> np.ndarray:
+            b = p[2]
+            return kernels.resized_crop(p[1], b["top"], b["left"], b["height"], b["width"], size)
+
+        out_t = [v2_crop(p) for p in pairs]
+        out_c = [cv_crop(p) for p in pairs]
+        jitter = FusedColorJitter(0.3)
+        batch = torch.stack(out_t[: s.batch_size])
+        shift = torch.zeros(1, 3, 1, 1)
+        scale = torch.ones(1, 3, 1, 1)
+        norm = Normalizer(MEAN, STD)
+        n = len(batch)
+        rows = [
+            ("decode (JPEG)", "decode_file", _per_image_ms(lambda f: decode_file(f, 3), files)),
+            (
+                "resize to the working size",
+                "F.resize antialias",
+                _per_image_ms(lambda x: prepare_image(x, IMAGE_SIZE, "short"), decoded),
+            ),
+        ]
+        table = [(name, how, ms, how, ms) for name, how, ms in rows]
+        table += [
+            (
+                "random resized crop",
+                "v2 antialias",
+                _per_image_ms(v2_crop, pairs),
+                "cv2.resize",
+                _per_image_ms(cv_crop, pairs),
+            ),
+            (
+                "horizontal flip",
+                "F.horizontal_flip",
+                _per_image_ms(F.horizontal_flip, out_t),
+                "cv2.flip",
+                _per_image_ms(kernels.hflip, out_c),
+            ),
+            (
+                "colour jitter",
+                "fused float",
+                _per_image_ms(jitter, out_t),
+                "cv2.transform",
+                _per_image_ms(
+                    lambda a: kernels.jitter(a, 1.2, 0.8, 1.1), [a.copy() for a in out_c]
+                ),
+            ),
+            (
+                "into the batch",
+                "stack CHW",
+                _per_image_ms(lambda k: torch.stack(out_t[k : k + n]), [0] * 20) / n,
+                "stack_images",
+                _per_image_ms(
+                    lambda k: stack_images([kernels.as_chw(a) for a in out_c[k : k + n]]), [0] * 20
+                )
+                / n,
+            ),
+            (
+                "normalise (main process)",
+                "addcmul",
+                _per_image_ms(lambda b: torch.addcmul(shift, b.float(), scale), [batch] * 20) / n,
+                "Normalizer",
+                _per_image_ms(norm, [batch] * 20) / n,
+            ),
+        ]
+        return table
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_transform_table(table: list[tuple[str, str, float, str, float]]) -> None:
+    """The per-stage table, with the totals of the augmentation and of everything."""
+    print()
+    print("per image, ms (one thread, median over the files)")
+    print(f"{'stage':<28} {'torchvision/torch':>24} {'visiontrain now':>22} {'ratio':>6}")
+    for name, before_how, before, after_how, after in table:
+        print(
+            f"{name:<28} {before_how:>15} {before:>8.3f} {after_how:>13} {after:>8.3f} "
+            f"{before / after:>6.2f}"
+        )
+    augment = [
+        r for r in table if r[0] in ("random resized crop", "horizontal flip", "colour jitter")
+    ]
+    for label, rows in (("augmentation", augment), ("every stage", table)):
+        before, after = sum(r[2] for r in rows), sum(r[4] for r in rows)
+        blank = ""
+        print(
+            f"{label + ' total':<28} {blank:>15} {before:>8.3f} {blank:>13} {after:>8.3f} "
+            f"{before / after:>6.2f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         make_folder(root, s)
         print(f"image folder: {root} ({time.perf_counter() - start:.1f} s to make or check)")
+        table = transform_table(root, s)
         with private_cache(tmp / "cache"):
             contenders, unavailable = build_contenders(root, s)
             for name, reason in unavailable.items():
@@ -485,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for c in contenders:
                     c.close()
     report(rates, unavailable, built)
+    print_transform_table(table)
     return 0
 
 

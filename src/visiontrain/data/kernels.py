@@ -121,3 +121,17 @@ def jitter(image: np.ndarray, brightness: float, contrast: float, saturation: fl
 def hflip(image: np.ndarray) -> np.ndarray:
     """The image mirrored left to right (a new array of the same shape)."""
     return cv2.flip(image, 1).reshape(image.shape)
+
+
+def copy_planes(image: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy a uint8 (C, H, W) image into the contiguous (C, H, W) ``out``.
+
+    A channels-last image is split into ``out``'s planes by ``cv2.split``: about 10x
+    faster than torch's strided copy, which dominates stacking a batch otherwise.
+    """
+    array = image.permute(1, 2, 0).numpy()
+    if image.shape[0] > 1 and array.flags.c_contiguous:
+        target = out.numpy()
+        cv2.split(array, [target[c] for c in range(image.shape[0])])
+    else:
+        out.copy_(image)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from visiontrain.config import DataConfig
+from visiontrain.data import kernels
 from visiontrain.data.sources import DataBundle, Split, Target
 from visiontrain.data.transforms import (
     PairTransform,
@@ -135,6 +136,29 @@ class AugmentedDataset(Dataset):
         return image, target
 
 
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (C, H, W) images of one size as a contiguous (N, C, H, W) batch, any layout.
+
+    In a loader worker the batch is made in shared memory (as ``default_collate`` does):
+    it crosses to the main process through shared memory anyway, and a batch made
+    elsewhere would be copied there once more when it is sent. Always contiguous NCHW:
+    the augmentation returns channels-last images, on which ``torch.stack`` alone would
+    give a channels-last batch, and the model's numerics must not depend on whether the
+    loader has workers.
+    """
+    first = images[0]
+    shape = (len(images), *first.shape)
+    if get_worker_info() is not None:
+        numel = first.numel() * len(images)
+        storage = first._typed_storage()._new_shared(numel, device=first.device)
+        out = first.new(storage).view(shape)
+    else:
+        out = torch.empty(shape, dtype=first.dtype)
+    for i, image in enumerate(images):
+        kernels.copy_planes(image, out[i])
+    return out
+
+
 def collate(items: list[tuple[torch.Tensor, Target] | Skipped]) -> dict[str, object]:
     """Stack uint8 images and targets; skipped samples are reported, not stacked.
 
@@ -144,10 +168,7 @@ def collate(items: list[tuple[torch.Tensor, Target] | Skipped]) -> dict[str, obj
     skipped = [it.name for it in items if isinstance(it, Skipped)]
     if not good:
         return {"image": None, "target": None, "skipped": skipped}
-    # default_collate stacks straight into shared memory in a loader worker: the batch
-    # crosses to the main process through shared memory anyway, and a plain torch.stack
-    # would be copied there once more when it is sent.
-    images = default_collate([it[0] for it in good])
+    images = stack_images([it[0] for it in good])
     first = good[0][1]
     targets: object
     if isinstance(first, int):
