@@ -49,6 +49,7 @@ seconds-long smoke run (a few batches, one seed, one epoch or two) used by the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -80,12 +82,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGETS: dict[str, tuple[str, float]] = {
     "digits": ("accuracy", 0.99),
     "defects": ("macro_f1", 0.84),
+    "imagefolder": ("accuracy", 0.95),
 }
+# Run without --datasets; imagefolder (a ResNet-18 on real photos) takes minutes a run.
+DEFAULT_DATASETS = ("digits", "defects")
 # --quick: a few batches of each data set, so that every code path runs in seconds.
 QUICK_OVERRIDES = {
     "digits": ["data.train_size=128"],
     "defects": ["data.train_size=128", "data.val_size=64", "data.test_size=64"],
+    "imagefolder": ["data.image_size=32", "model.name=simple_cnn", "model.drop_path=0"],
 }
+# The image folder: JPEG crops of real photos (benchmarks/loader.py's generator), one class
+# per photo; images per class in train/ (val is held out of it by the config) and test/.
+FOLDER_IMAGES = {"train": 60, "test": 20}
+QUICK_FOLDER_IMAGES = {"train": 8, "test": 3}
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class Settings:
     targets: dict[str, float]
     max_epochs: int | None
     quick: bool
+    folder: Path | None = None  # the imagefolder data set's root (set by main)
 
 
 @dataclass
@@ -125,11 +136,22 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     p.add_argument("--quick", action="store_true", help="tiny data, 1-2 epochs (smoke test)")
     p.add_argument(
-        "--datasets", nargs="+", default=list(TARGETS), choices=list(TARGETS), help="data sets"
+        "--datasets",
+        nargs="+",
+        default=list(DEFAULT_DATASETS),
+        choices=list(TARGETS),
+        help=f"data sets (default: {' '.join(DEFAULT_DATASETS)})",
     )
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2)")
     p.add_argument("--digits-target", type=float, default=TARGETS["digits"][1])
     p.add_argument("--defects-target", type=float, default=TARGETS["defects"][1])
+    p.add_argument("--imagefolder-target", type=float, default=TARGETS["imagefolder"][1])
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="imagefolder: keep the generated photo folder here and reuse it (default: a "
+        "temporary folder)",
+    )
     p.add_argument(
         "--max-epochs", type=int, help="epoch budget of both recipes (default: the config's)"
     )
@@ -141,9 +163,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     return Settings(
         datasets=tuple(args.datasets),
         seeds=tuple(seeds),
-        targets={"digits": args.digits_target, "defects": args.defects_target},
+        targets={
+            "digits": args.digits_target,
+            "defects": args.defects_target,
+            "imagefolder": args.imagefolder_target,
+        },
         max_epochs=max_epochs,
         quick=args.quick,
+        folder=args.data,
     )
 
 
@@ -155,7 +182,37 @@ def config_for(dataset: str, s: Settings, seed: int, extra: Sequence[str] = ()) 
         overrides += [f"train.epochs={s.max_epochs}", "train.min_updates=null"]
     if s.quick:
         overrides.extend(QUICK_OVERRIDES[dataset])
+    if dataset == "imagefolder":
+        assert s.folder is not None
+        overrides.append(f"data.root={s.folder}")
     return load_config(CONFIGS / f"{dataset}.yaml", overrides)
+
+
+def make_photo_folder(root: Path, quick: bool) -> None:
+    """train/ and test/ of JPEG crops of real photos, one class per photo (kept if present).
+
+    Each image is a random crop of its photo (30-100% of the area), resized to 256-512 px
+    a side and saved at quality 90, as ``benchmarks/loader.py`` makes them.
+    """
+    from PIL import Image
+
+    from loader import photos, random_crop
+
+    counts = QUICK_FOLDER_IMAGES if quick else FOLDER_IMAGES
+    done = root / ".complete"
+    if done.exists() and done.read_text() == repr(counts):
+        return
+    rng = np.random.default_rng(0)
+    sides = (64, 97) if quick else (256, 513)
+    for name, photo in sorted(photos().items()):
+        for split, n in counts.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = (int(v) for v in rng.integers(*sides, size=2))
+                crop = Image.fromarray(random_crop(photo, rng)).resize((w, h), Image.BILINEAR)
+                crop.save(folder / f"{i}.jpg", quality=90)
+    done.write_text(repr(counts))
 
 
 # ---------------------------------------------------------------------- visiontrain
@@ -364,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        if "imagefolder" in s.datasets:
+            s = dataclasses.replace(s, folder=s.folder or tmp / "photos")
+            make_photo_folder(s.folder, s.quick)
         with private_cache(tmp / "cache"):
             for seed in s.seeds:
                 for dataset in s.datasets:

@@ -143,9 +143,10 @@ def test_loader_quick_prints_rates_and_ratios(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_time_to_accuracy_quick_prints_the_table(tmp_path: Path) -> None:
-    out = run_quick("time_to_accuracy.py", tmp_path).stdout
+    datasets = ("digits", "defects", "imagefolder")
+    out = run_quick("time_to_accuracy.py", tmp_path, "--datasets", *datasets).stdout
     assert "| data | target | recipe | seed 0 | median |" in out, out
-    for dataset, metric in (("digits", "accuracy"), ("defects", "macro_f1")):
+    for dataset, metric in zip(datasets, ("accuracy", "macro_f1", "accuracy"), strict=True):
         for recipe in ("visiontrain", "reference"):
             assert re.search(rf"^\| {dataset} \| {metric} ≥ [\d.]+ \| {recipe} \| ", out, re.M)
         assert re.search(rf"^ratio reference/visiontrain {dataset}: \S+", out, re.M), out
