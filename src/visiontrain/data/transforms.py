@@ -134,7 +134,9 @@ class CropFlipJitter(v2.Transform):
         from visiontrain.data import kernels
 
         box = self.crop.make_params([image])
-        flip = bool(torch.rand(1) < 0.5)  # v2.RandomHorizontalFlip: flips unless rand >= p
+        # v2.RandomHorizontalFlip flips unless rand >= p. Plain floats from here on: per
+        # sample, tensor arithmetic on one to three numbers costs more than the pixels.
+        flip = torch.rand(1).item() < 0.5
         out = kernels.resized_crop(
             kernels.hwc_view(image),
             box["top"],
@@ -146,7 +148,7 @@ class CropFlipJitter(v2.Transform):
         if flip:
             out = kernels.hflip(out)
         if self.jitter:
-            b, c, s = (1 + (torch.rand(3) * 2 - 1) * self.jitter).tolist()
+            b, c, s = (1 + (2 * u - 1) * self.jitter for u in torch.rand(3).tolist())
             if out.shape[2] in (1, 3):
                 kernels.jitter(out, b, c, s)
             else:  # cv2.transform takes at most 4 channels: the torch path for the rest
