@@ -18,7 +18,8 @@
 # The device machine has torch, torchvision and timm; the rest travels as wheels (see
 # the device README): pydantic pydantic-core annotated-types typing-inspection rich
 # markdown-it-py mdurl pygments torchmetrics lightning-utilities optuna (+ alembic
-# sqlalchemy colorlog), named in `carry` as .whl. Then:
+# sqlalchemy colorlog) opencv-python-headless (the loader's augmentation kernels), named
+# in `carry` as .whl. Then:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src && bash benchmarks/gpu_session.sh
 set -uo pipefail
