@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader
 
 from common import private_cache
 from visiontrain.data.workers import set_cpu_threads
+from visiontrain.engine.host_memory import keep_freed_memory
 
 DEFAULTS: dict[str, Any] = {
     "images": 2000,
@@ -613,6 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # more, the main process's OpenMP team (the Normalizer's addcmul) stalls at every
     # barrier while the workers hold the cores. One process: every contender gets it.
     set_cpu_threads(torch.device("cpu"), s.workers)
+    # And the freed heap kept, as a CPU run's build_parts does (engine/host_memory.py).
+    keep_freed_memory()
     print(f"torch threads in the main process: {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="vt-bench-") as tmp_name:
         tmp = Path(tmp_name)

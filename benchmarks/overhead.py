@@ -59,7 +59,30 @@ Method
     epoch of each contender, the median CPU seconds, the median of the per-round (paired)
     ratios, the CPU-time ratio, the ratios ``lightning/raw`` and ``trainer/lightning``
     (below 1: visiontrain is the faster), and last the headline ``ratio trainer/raw:
-    X.XX``, the ratio of the median wall times.
+    X.XX``, the ratio of the median wall times. The table also gives each contender's
+    minor page faults per step (``getrusage``): memory the kernel had to map in and
+    zero-fill during the epoch.
+
+    Two process settings are made before anything is built, for every contender alike,
+    so that all three time the same arithmetic on the same kind of memory:
+
+    * :func:`visiontrain.engine.host_memory.keep_freed_memory`, the setting every CPU run
+      of the Trainer makes: freed memory is reused instead of being handed back to the
+      kernel and faulted in again. Left at glibc's defaults, how much of the heap was
+      handed back at each step depended on what the other contenders had left allocated
+      in it: in one measurement with ResNet-18 the Trainer paid 4,400 page faults a step,
+      Lightning 1,500 and the raw loop 250.
+    * ``torch.set_flush_denormal(True)``: each contender trains its own copy of the
+      network and reaches its own share of subnormal numbers in the gradients as the loss
+      falls (the defects data is 95% one class); on x86 arithmetic on them is many times
+      slower. In one process
+      ResNet-18's convolution backward took 521, 568 and 595 ms a step (raw, Lightning,
+      Trainer), and 409-416 ms for all three with subnormals flushed: this, not framework
+      work, is why Lightning could beat the raw loop.
+
+    Importing Lightning also sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` for the process,
+    which makes every AdamW step (its ``torch.cuda.is_available()`` check) try to load
+    NVML, about 50 µs on this machine, for all three contenders alike; it is left as it is.
 
     ``assemble`` sets torch's thread count for the run (``OMP_NUM_THREADS`` if set,
     else the cores left free by loader workers); ``--threads N`` overrides it after the
@@ -81,6 +104,7 @@ import logging
 import os
 import platform
 import pstats
+import resource
 import statistics
 import sys
 import tempfile
@@ -100,6 +124,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common import private_cache
 from visiontrain.api import assemble
 from visiontrain.config import build_config
+from visiontrain.engine.host_memory import keep_freed_memory
 from visiontrain.engine.trainer import Trainer
 from visiontrain.models import create_model
 from visiontrain.tracking.progress import ProgressPrinter
@@ -440,13 +465,16 @@ class LightningSide:
             """Times the epoch inside ``fit``: the part comparable to the other two."""
 
             def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                self.faults = minor_faults()
                 self.wall, self.cpu = time.perf_counter(), time.process_time()
 
             def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
                 wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+                faults = minor_faults() - self.faults
                 if side.into is not None:
                     side.into.wall.append(wall)
                     side.into.cpu.append(cpu)
+                    side.into.faults.append(faults)
 
         self.timer = EpochTimer()
 
@@ -488,10 +516,16 @@ class LightningSide:
 
 @dataclass
 class Samples:
-    """Per-epoch times of one contender: wall clock and the process's CPU time."""
+    """Per-epoch figures of one contender: wall clock, CPU time and minor page faults."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far: pages the kernel mapped in (zero-filled)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(
@@ -508,14 +542,17 @@ def timed(
     """
     if before is not None:
         before()
+    faults = minor_faults()
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    faults = minor_faults() - faults
     if after is not None:
         after()
     if into is not None:
         into.wall.append(wall)
         into.cpu.append(cpu)
+        into.faults.append(faults)
 
 
 def cpu_name() -> str:
@@ -531,6 +568,26 @@ def cpu_name() -> str:
 
 def measure(s: Settings, tmp: Path) -> dict[str, Samples]:
     """Build both contenders, warm up, and time alternating rounds."""
+    # Two settings of the process, made before anything is built, for every contender
+    # alike (see the module docstring). A CPU run of the Trainer keeps the memory a step
+    # frees for the next (engine/host_memory.py); left to glibc's defaults, the contenders'
+    # interleaved heaps decided which of them paid for faulting its activations in again.
+    kept = keep_freed_memory()
+    print(
+        "host memory (all contenders): "
+        + ("freed memory kept for reuse" if kept else "malloc defaults (not glibc, or opted out)"),
+        flush=True,
+    )
+    # Each contender trains its own copy of the network and reaches its own share of
+    # subnormal gradients as the loss falls; arithmetic on them is many times slower on
+    # x86 (ResNet-18's convolution backward: 521-595 ms a step across the contenders,
+    # 409-416 ms flushed). Flushed for all, the contenders time the same arithmetic.
+    flushed = torch.set_flush_denormal(True)
+    print(
+        "subnormal floats (all contenders): "
+        + ("flushed to zero" if flushed else "kept (no flush-to-zero on this CPU)"),
+        flush=True,
+    )
     with open(os.devnull, "w") as sink:
         # force_terminal: the bar is drawn (to /dev/null) as it would be on a terminal.
         console = Console(file=sink, force_terminal=s.progress == "bar", width=120)
@@ -659,12 +716,13 @@ def report(s: Settings, times: dict[str, Samples]) -> float:
     print()
     print(
         f"{'contender':<10} {'median s/epoch':>15} {'min s/epoch':>12} {'ms/step':>9} "
-        f"{'CPU s/epoch':>12}"
+        f"{'CPU s/epoch':>12} {'faults/step':>12}"
     )
     for name, v in times.items():
+        faults = statistics.median(v.faults) / s.steps
         print(
             f"{name:<10} {wall[name]:>15.3f} {min(v.wall):>12.3f} "
-            f"{1000 * wall[name] / s.steps:>9.2f} {cpu[name]:>12.3f}"
+            f"{1000 * wall[name] / s.steps:>9.2f} {cpu[name]:>12.3f} {faults:>12.0f}"
         )
     raw, tr = times["raw"], times["trainer"]
     paired = [t / r for r, t in zip(raw.wall, tr.wall, strict=True)]

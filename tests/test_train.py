@@ -118,6 +118,45 @@ def test_tensorboard_scalars_read_back(tiny_run):
     assert [e.step for e in acc.Scalars("train/lr")] == list(range(1, summary["global_step"] + 1))
 
 
+def test_tensorboard_writes_each_updates_lr_at_log_intervals(tmp_path):
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from visiontrain.tracking.tensorboard import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, purge_step=None)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(train=SimpleNamespace(log_every=4)),
+        global_step=0,
+        last_lr=0.0,
+        last_lrs=None,
+        at_epoch_end=False,
+    )
+
+    def update(step: int, groups: dict[str, float] | None = None) -> None:
+        trainer.global_step, trainer.last_lr, trainer.last_lrs = step, step / 100, groups
+        logger.on_update(trainer)
+
+    def written() -> dict[str, list[tuple[int, float]]]:
+        logger.writer.flush()
+        acc = EventAccumulator(str(tmp_path))
+        acc.Reload()
+        return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+    for step in (1, 2, 3):
+        update(step)
+    assert written() == {}  # buffered until the log interval
+    update(4, {"head": 0.5})
+    lrs = written()
+    assert [s for s, _ in lrs["train/lr"]] == [1, 2, 3, 4]
+    assert [v for _, v in lrs["train/lr"]] == pytest.approx([0.01, 0.02, 0.03, 0.04])
+    assert lrs["train/lr/head"] == [(4, 0.5)]
+    update(5)
+    logger.close()  # an interrupted run: what is buffered is written too
+    assert [s for s, _ in written()["train/lr"]] == [1, 2, 3, 4, 5]
+
+
 def test_last_printed_line_is_the_run_directory(cli, tmp_path):
     res = cli("train", *TINY, f"run.dir={tmp_path}")
     assert res.code == 0

@@ -6,10 +6,7 @@ time (:func:`resolve_num_workers`); ``visiontrain bench loader`` runs the long o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -227,47 +224,9 @@ def set_cpu_threads(device: torch.device, num_workers: int) -> None:
     2-core machine with one busy worker this made small convolutions 50x slower. An
     explicit OMP_NUM_THREADS is respected.
     """
-    if device.type != "cpu":
-        return
-    keep_freed_memory()
-    if "OMP_NUM_THREADS" in os.environ:
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     # Several processes on one machine (torchrun, which sets LOCAL_WORLD_SIZE) share its
     # cores.
     cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, cores - num_workers))
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEPT: list[bool] = []
-
-
-def keep_freed_memory() -> bool:
-    """Keep freed large blocks in this process's heap for reuse (glibc only; once).
-
-    glibc serves every block over 32 MiB with a fresh ``mmap`` and unmaps it on free, so
-    a batch-sized tensor allocated each step (the normalised float batch of 64 images at
-    224 px is 38.5 MiB; most activations of a CPU step are larger) is page-faulted in
-    anew every time: 0.45 ms per image to normalise a batch, against 0.11 ms with the
-    memory kept (``benchmarks/loader.py`` measures the loader with it). This turns
-    ``mmap`` off for large blocks and keeps up to 1 GiB of freed heap for reuse: what the
-    CUDA caching allocator does on a GPU, and what jemalloc or tcmalloc (the usual advice
-    for PyTorch on CPUs) do. The price is that the process keeps its peak heap.
-
-    Returns:
-        Whether it is in force (False off glibc).
-    """
-    if _KEPT:
-        return _KEPT[0]
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-            mallopt = None
-        if mallopt is not None:
-            ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    _KEPT.append(ok)
-    return ok

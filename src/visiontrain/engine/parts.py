@@ -31,6 +31,7 @@ from visiontrain.engine.autobatch import (
 )
 from visiontrain.engine.distributed import Dist, current
 from visiontrain.engine.freeze import FreezePhase, freeze_prefixes
+from visiontrain.engine.host_memory import keep_freed_memory
 from visiontrain.engine.optim import build_optimizer
 from visiontrain.engine.precision import Precision
 from visiontrain.engine.step import BatchPrep, Step
@@ -119,6 +120,10 @@ def build_parts(
     device = resolve_device(cfg.train.device)
     if cfg.data.batch_size == "auto":
         refuse_on_cpu(device)  # before any data is read
+    if device.type == "cpu":
+        # Activations live in host memory: keep what a step frees for the next step
+        # instead of faulting it in afresh every step (engine/host_memory.py).
+        keep_freed_memory()
     if cfg.data.num_workers != "auto":
         set_cpu_threads(device, cfg.data.num_workers)
     task_class(cfg.task)  # an unknown task is named before any data is read

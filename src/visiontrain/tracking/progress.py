@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -13,6 +14,11 @@ from visiontrain.headline import HEADLINE_ORDER
 
 if TYPE_CHECKING:
     from visiontrain.engine.trainer import Trainer
+
+# The bar is redrawn at a log interval only when this long has passed since its last
+# redraw: a redraw costs ~0.8 ms of the training thread, 1.6% of the time with 5 ms steps
+# and log_every=10, and nobody reads a bar that changes faster than this.
+MIN_REDRAW_S = 0.2
 
 
 def choose_mode(setting: str) -> str:
@@ -32,6 +38,7 @@ class ProgressPrinter(Callback):
         self.console = console
         self.progress: Progress | None = None
         self.task_id: Any = None
+        self._drawn_at = float("-inf")
 
     def on_fit_start(self, trainer: Trainer) -> None:  # noqa: D102
         if self.mode != "bar":
@@ -49,6 +56,7 @@ class ProgressPrinter(Callback):
             auto_refresh=False,
         )
         self.progress.start()
+        self._drawn_at = time.perf_counter()
         total = trainer.horizon.total_updates
         self.task_id = self.progress.add_task(
             "train",
@@ -72,8 +80,12 @@ class ProgressPrinter(Callback):
                     completed=record["step"],
                     epoch=f"{record['epoch']}/{epochs}",
                     status=status,
-                    refresh=True,
                 )
+                now = time.perf_counter()
+                # A skipped redraw is not lost: the next one, or stop(), shows these fields.
+                if now - self._drawn_at >= MIN_REDRAW_S:
+                    self.progress.refresh()
+                    self._drawn_at = now
             elif self.mode == "plain":
                 self.console.print(
                     f"epoch {record['epoch']}/{epochs}  step {record['step']}/"

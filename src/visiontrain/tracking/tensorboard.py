@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +43,29 @@ class TensorBoardLogger(Callback):
 
         # purge_step hides events from an interrupted run past the resumed checkpoint.
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        # (step, wall time, LR, LR per group) of the updates since the last write.
+        self._lrs: list[tuple[int, float, float, dict[str, float] | None]] = []
 
     def on_fit_start(self, trainer: Trainer) -> None:  # noqa: D102
         text = trainer.cfg.to_yaml().replace("\n", "\n    ")
         self.writer.add_text("config", "    " + text, trainer.global_step)
 
     def on_update(self, trainer: Trainer) -> None:  # noqa: D102
-        # The LR in force at every update (a host float: no device sync).
-        self.writer.add_scalar("train/lr", trainer.last_lr, trainer.global_step)
-        for name, lr in (trainer.last_lrs or {}).items():
-            self.writer.add_scalar(f"train/lr/{name}", lr, trainer.global_step)
+        # The LR in force at every update (a host float: no device sync), written in one
+        # go at each log interval: written one by one, each update woke TensorBoard's
+        # writer thread, ~0.35 ms of process CPU time per update; in bursts, ~0.14 ms.
+        groups = dict(trainer.last_lrs) if trainer.last_lrs else None
+        self._lrs.append((trainer.global_step, time.time(), trainer.last_lr, groups))
+        if trainer.global_step % trainer.cfg.train.log_every == 0 or trainer.at_epoch_end:
+            self._write_lrs()
+
+    def _write_lrs(self) -> None:
+        """Write the buffered per-update LRs, each at its own step and wall time."""
+        for step, wall, lr, groups in self._lrs:
+            self.writer.add_scalar("train/lr", lr, step, walltime=wall)
+            for name, group_lr in (groups or {}).items():
+                self.writer.add_scalar(f"train/lr/{name}", group_lr, step, walltime=wall)
+        self._lrs.clear()
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:  # noqa: D102
         if record.get("split") == "train":
@@ -71,5 +85,7 @@ class TensorBoardLogger(Callback):
         self.close()
 
     def close(self) -> None:
-        """Flush and close the event file."""
+        """Write the buffered LRs, flush and close the event file (also when interrupted)."""
+        if self._lrs:
+            self._write_lrs()
         self.writer.close()
