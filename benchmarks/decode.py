@@ -26,24 +26,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from common import command_line
 from visiontrain.data.images import decode_file, prepare_image
+from visiontrain.data.synthetic import photo_like
 
 
 def photo(path: Path, width: int, height: int) -> Path:
     """A photo-like JPEG (quality 90), seeded."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    for _ in range(12):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, height / 4)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    Image.fromarray(photo_like(width, height)).save(path, quality=90)
     return path
 
 

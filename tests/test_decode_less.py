@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,19 +11,13 @@ from PIL import Image
 from visiontrain.data import images
 from visiontrain.data.images import decode_file, prepare_image
 from visiontrain.data.sources import FileSplit
+from visiontrain.data.synthetic import photo_like
 from visiontrain.errors import DataError
 
 
 def photo(path: Path, width: int, height: int, quality: int = 90) -> Path:
     """A smooth, photo-like JPEG: gradients, discs and some texture (seeded)."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    for _ in range(12):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, height / 4)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=quality)
+    Image.fromarray(photo_like(width, height)).save(path, quality=quality)
     return path
 
 

@@ -54,6 +54,22 @@ REGRESSION_TARGETS = ["area_pct", "count"]
 AREA_LEVEL = 0.5
 
 
+def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth, photo-like RGB uint8 image (H, W, 3): gradients, discs and some texture.
+
+    What a camera JPEG looks like to a decoder and a resize, without shipping a photo
+    (the decode-less test and ``benchmarks/decode.py`` save it as a JPEG).
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, height / 4)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
 def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
     """A defect-free textured surface as float32 in 0..255."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
