@@ -69,11 +69,8 @@ def resized_crop(
     crop = image[top : top + height, left : left + width]
     out_h, out_w = size
     if max(height / out_h, width / out_w) > LINEAR_MAX_SHRINK:
-        resized = F.resize(
-            torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1),
-            [out_h, out_w],
-            antialias=True,
-        )
+        # The crop as a strided view: torch's uint8 kernel reads it without a copy.
+        resized = F.resize(torch.from_numpy(crop).permute(2, 0, 1), [out_h, out_w], antialias=True)
         return hwc_view(resized)
     out = cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
     return out.reshape(out_h, out_w, image.shape[2])
